@@ -1,0 +1,114 @@
+"""Time one training step (forward, backward, AdamW step) of our GLM and of PaddleNLP's on the same
+weights, config and batch, in the same process, and print tokens/s and the ratio.
+
+    python bench/train_step.py                  # tiny config and a glm-large-shaped slice
+    python bench/train_step.py --only large --layers 4 --steps 5
+
+The batch is a GLM generation example: a bidirectional source then a causal target carrying the loss
+(source 3/4 of the sequence, like src_length 608 / tgt_length 160). PaddleNLP gets the 4-D 0/1 mask
+(its 1-D `sep` path never runs); ours gets the 1-D sep it is fed in training. Not a test: figures only.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import glm  # noqa: E402  (sets the CPU thread count before paddle is imported)
+import paddle  # noqa: E402
+from paddlenlp.transformers import GLMConfig as PaddleNLPGLMConfig  # noqa: E402
+from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=8192, seq=128, batch=8),
+    "large": dict(num_layers=2, hidden_size=1024, num_attention_heads=16, vocab_size=50048, seq=512, batch=2),
+}
+
+
+def make_batch(batch, seq, vocab_size):
+    source_length = seq * 3 // 4
+    input_ids = paddle.randint(0, vocab_size, [batch, seq])
+    positions = paddle.arange(seq, dtype="int64")
+    position_ids = paddle.stack(
+        [
+            paddle.where(positions < source_length, positions, paddle.full_like(positions, source_length - 2)),
+            paddle.clip(positions - source_length + 1, min=0),
+        ]
+    ).unsqueeze(0).expand([batch, 2, seq])
+    sep = paddle.full([batch], source_length, dtype="int64")
+    keys, queries = positions.reshape([1, 1, seq]), positions.reshape([1, seq, 1])
+    mask_4d = ((keys < source_length) | (keys <= queries)).astype("float32").unsqueeze(1).expand([batch, 1, seq, seq])
+    loss_mask = (positions >= source_length - 1).astype("float32").unsqueeze(0).expand([batch, seq])
+    labels = paddle.randint(0, vocab_size, [batch, seq])
+    return dict(input_ids=input_ids, position_ids=position_ids, labels=labels, loss_mask=loss_mask), sep, mask_4d
+
+
+def step_timer(model, inputs):
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=model.parameters(), weight_decay=0.1)
+
+    def step():
+        loss = model(**inputs, return_dict=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        return float(loss)
+
+    return step
+
+
+def time_steps(step, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def bench(name, shape, steps, num_layers=None):
+    shape = dict(shape)
+    seq, batch = shape.pop("seq"), shape.pop("batch")
+    if num_layers:
+        shape["num_layers"] = num_layers
+    config = dict(shape, max_sequence_length=1024, output_predict=True)
+    paddle.seed(0)
+    ours = glm.GLMForConditionalGeneration(glm.GLMConfig(**config))
+    theirs = PaddleNLPGLM(PaddleNLPGLMConfig(**config))
+    theirs.set_state_dict(ours.state_dict())
+    ours.train()
+    theirs.train()
+    inputs, sep, mask_4d = make_batch(batch, seq, shape["vocab_size"])
+    ours_step = step_timer(ours, dict(inputs, attention_mask=sep))
+    theirs_step = step_timer(theirs, dict(inputs, attention_mask=mask_4d))
+    for step in (ours_step, theirs_step):  # warm-up: kernels, allocator, optimizer state
+        step()
+    # Interleave the two so drift in machine load hits both alike.
+    ours_times, theirs_times = [], []
+    for _ in range(steps):
+        ours_times.append(time_steps(ours_step, 1))
+        theirs_times.append(time_steps(theirs_step, 1))
+    tokens = batch * seq
+    ours_tps = tokens / (sum(ours_times) / steps)
+    theirs_tps = tokens / (sum(theirs_times) / steps)
+    print(
+        f"{name:6s} layers={shape['num_layers']} hidden={shape['hidden_size']} vocab={shape['vocab_size']} "
+        f"batch={batch} seq={seq}: ours {ours_tps:8.1f} tok/s   PaddleNLP {theirs_tps:8.1f} tok/s   "
+        f"ratio {ours_tps / theirs_tps:.2f}x",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SHAPES), help="run one shape only")
+    parser.add_argument("--layers", type=int, help="layers of the large slice (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default 5)")
+    args = parser.parse_args()
+    print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    for name in [args.only] if args.only else ["tiny", "large"]:
+        bench(name, SHAPES[name], args.steps, args.layers if name == "large" else None)
+
+
+if __name__ == "__main__":
+    main()

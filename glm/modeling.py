@@ -1,0 +1,332 @@
+"""GLM in Paddle: embeddings -> attention -> MLP -> block -> stack -> LM head -> loss.
+
+Parameter names equal PaddleNLP's `GLMForConditionalGeneration`, so its `model_state.pdparams` load
+unchanged. Differences from PaddleNLP, all deliberate:
+  * the 1-D `sep` attention mask works (PaddleNLP tests `attention_mask.dim == 1`, a method against an int);
+  * the decoding cache holds each layer's keys and values, so a step projects the new token only
+    (PaddleNLP keeps hidden states and re-projects the whole memory every step);
+  * recompute passes the attention mask and also covers layer 0 when the embeddings are frozen;
+  * label smoothing is read from the config and applied;
+  * with labels, the LM head runs only where `loss_mask` is non-zero (it is the largest matmul of a
+    small model: vocab 50048 x hidden per position).
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute
+from paddlenlp.transformers import PretrainedModel, register_base_model
+from paddlenlp.utils.initializer import normal_, ones_, zeros_
+from paddlenlp.transformers.model_outputs import BaseModelOutputWithPast, CausalLMOutputWithCrossAttentions
+
+from .configuration import GLMConfig
+
+__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "attention_bias"]
+
+# Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
+# meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
+MASKED_SCORE = -1e9
+
+LayerCache = Tuple[paddle.Tensor, paddle.Tensor]  # (keys, values), each [B, heads, M, head_dim]
+
+
+def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
+    """The one place that knows GLM's masks. Returns a float32 additive bias [B|1, 1, q, M+q].
+
+    attention_mask:
+      None            -> sep = 0 everywhere: plain causal attention;
+      int [B] or [1]  -> `sep` per row: query i (absolute index M+i) sees key j iff j < sep or j <= M+i,
+                         i.e. the source before sep is bidirectional and the target is causal;
+      0/1 or bool [B, 1, q, M+q] -> 1 where attending is allowed (can also hide padding).
+    """
+    key_length = memory_length + query_length
+    if attention_mask is None:
+        attention_mask = paddle.zeros([batch_size], dtype="int64")
+    if attention_mask.ndim == 1:
+        keys = paddle.arange(key_length, dtype="int64").reshape([1, 1, key_length])
+        queries = paddle.arange(memory_length, key_length, dtype="int64").reshape([1, query_length, 1])
+        sep = attention_mask.astype("int64").reshape([-1, 1, 1])
+        allowed = paddle.logical_or(keys < sep, keys <= queries).unsqueeze(1)  # [B, 1, q, M+q]
+    elif attention_mask.ndim == 4:
+        if attention_mask.shape[-2:] != [query_length, key_length]:
+            raise ValueError(
+                f"4-D attention_mask must end in [query_length, memory+query] = [{query_length}, {key_length}], "
+                f"got shape {attention_mask.shape}"
+            )
+        allowed = attention_mask.astype("bool")
+    else:
+        raise ValueError(
+            f"attention_mask must be 1-D (one sep per row) or 4-D [B, 1, q, M+q]; got shape {attention_mask.shape}"
+        )
+    return (1.0 - allowed.astype("float32")) * MASKED_SCORE
+
+
+class GLMAttention(nn.Layer):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.attention_scale = config.attention_scale
+        self.use_flash_attention = config.use_flash_attention
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = nn.Dropout(config.attention_dropout_prob)
+        self.output_dropout = nn.Dropout(config.output_dropout_prob)
+
+    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
+        batch_size, query_length = hidden_states.shape[:2]
+        # The fused projection lays out [q | k | v] along the last axis, each [heads * head_dim].
+        qkv = self.query_key_value(hidden_states).reshape([batch_size, query_length, 3, self.num_heads, self.head_dim])
+        qkv = qkv.transpose([2, 0, 3, 1, 4])  # [3, B, heads, q, head_dim]
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        if cache is not None:
+            key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
+            value = paddle.concat([cache[1], value], axis=2)
+        new_cache = (key, value) if use_cache else None
+
+        if self.use_flash_attention:
+            context = self._fused_attention(query, key, value, bias)
+        else:
+            context = self._attention(query, key, value, bias)
+        context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])  # [B, q, hidden]
+        return self.output_dropout(self.dense(context)), new_cache
+
+    def _attention(self, query, key, value, bias):
+        # THUDM's attention_scale divides the scores before the (half precision) matmul and multiplies
+        # them back in float32: same softmax, no fp16 overflow. It is 1.0 in every released config.
+        query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
+        scores = paddle.matmul(query, key, transpose_y=True)  # [B, heads, q, M+q]
+        scores = scores.astype("float32")
+        if self.attention_scale != 1.0:
+            scores = scores * self.attention_scale
+        probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)
+        probs = self.attention_dropout(probs)
+        return paddle.matmul(probs, value)  # [B, heads, q, head_dim]
+
+    def _fused_attention(self, query, key, value, bias):
+        # scaled_dot_product_attention takes [B, seq, heads, head_dim] and a mask in the compute dtype.
+        if self.attention_scale != 1.0:
+            raise ValueError("use_flash_attention supports attention_scale == 1.0 only")
+        mask = (bias / MASKED_SCORE * _fused_mask_value(query.dtype)).astype(query.dtype)
+        context = F.scaled_dot_product_attention(
+            query.transpose([0, 2, 1, 3]),
+            key.transpose([0, 2, 1, 3]),
+            value.transpose([0, 2, 1, 3]),
+            attn_mask=mask,
+            dropout_p=self.attention_dropout.p,
+            training=self.training,
+        )
+        return context.transpose([0, 2, 1, 3])
+
+
+def _fused_mask_value(dtype):
+    # Half the most negative finite value: adding a score to it can never overflow to -inf.
+    return paddle.finfo(dtype).min / 2 if dtype != paddle.float32 else MASKED_SCORE
+
+
+class GLMMLP(nn.Layer):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.output_dropout_prob)
+
+    def forward(self, hidden_states):
+        # GLM trains with the tanh-approximate GELU (THUDM's code, PaddleNLP); the HF port's exact GELU differs.
+        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate=True)))
+
+
+class GLMBlock(nn.Layer):
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
+        self.attention = GLMAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
+        self.mlp = GLMMLP(config)
+
+    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
+        attention_output, new_cache = self.attention(self.input_layernorm(hidden_states), bias, cache, use_cache)
+        hidden_states = hidden_states + attention_output
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, new_cache
+
+
+class GLMStack(nn.Layer):
+    """Position + block-position embeddings, the blocks, the final LayerNorm."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.block_position_encoding = config.block_position_encoding
+        # Rows = max_sequence_length + 1: THUDM's checkpoints have one extra row (positions 0..max).
+        rows = config.max_sequence_length + 1 if config.block_position_encoding else config.max_sequence_length
+        self.position_embeddings = nn.Embedding(rows, config.hidden_size)
+        if config.block_position_encoding:
+            self.block_position_embeddings = nn.Embedding(rows, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.layers = nn.LayerList([GLMBlock(config) for _ in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
+        # Switched on by the PaddleNLP Trainer's --recompute (it sets every `enable_recompute` it finds).
+        self.enable_recompute = False
+
+    def forward(self, word_embeddings, position_ids, bias, cache: Optional[List[LayerCache]] = None, use_cache=False):
+        if self.block_position_encoding:
+            hidden_states = (
+                word_embeddings
+                + self.position_embeddings(position_ids[:, 0])
+                + self.block_position_embeddings(position_ids[:, 1])
+            )
+        else:
+            hidden_states = word_embeddings + self.position_embeddings(position_ids)
+        hidden_states = self.embedding_dropout(hidden_states)
+
+        new_caches = [] if use_cache else None
+        for index, layer in enumerate(self.layers):
+            layer_cache = cache[index] if cache is not None else None
+            if self.enable_recompute and self.training and not use_cache:
+                # Non-reentrant recompute needs no input gradient, so layer 0 is recomputed too when the
+                # embeddings are frozen (LoRA), and the mask goes in with the hidden states.
+                hidden_states, _ = recompute(layer, hidden_states, bias, use_reentrant=False)
+            else:
+                hidden_states, layer_cache = layer(hidden_states, bias, layer_cache, use_cache)
+            if use_cache:
+                new_caches.append(layer_cache)
+        return self.final_layernorm(hidden_states), new_caches
+
+
+class GLMPretrainedModel(PretrainedModel):
+    base_model_prefix = "glm"
+    config_class = GLMConfig
+    resource_files_names = {"model_state": "model_state.pdparams"}
+
+    def _init_weights(self, layer):
+        # THUDM's init: normal(0, initializer_range) for every matrix and embedding, zero bias, unit LayerNorm.
+        if isinstance(layer, (nn.Linear, nn.Embedding)):
+            normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                zeros_(layer.bias)
+        elif isinstance(layer, nn.LayerNorm):
+            ones_(layer.weight)
+            zeros_(layer.bias)
+
+
+def _check_runs_here(tensor):
+    # Paddle's CPU kernels have no float16/bfloat16 matmul, LayerNorm or softmax: say so instead of
+    # failing deep inside a kernel lookup.
+    if tensor.dtype in (paddle.float16, paddle.bfloat16) and tensor.place.is_cpu_place():
+        raise RuntimeError(
+            f"GLM in {str(tensor.dtype).replace('paddle.', '')} needs a GPU: Paddle has no half-precision "
+            "matmul/LayerNorm/softmax kernels on CPU. Run in float32 on CPU (drop --fp16/--bf16 or --dtype)."
+        )
+
+
+@register_base_model
+class GLMModel(GLMPretrainedModel):
+    """GLM without the LM head: returns the final hidden states [B, L, hidden] and, with use_cache, the
+    per-layer (keys, values) of memory + this call."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer = GLMStack(config)
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        cache: Optional[List[LayerCache]] = None,
+        use_cache: bool = False,
+        return_dict: Optional[bool] = None,
+    ):
+        batch_size, query_length = input_ids.shape
+        memory_length = cache[0][0].shape[2] if cache else 0
+        if position_ids is None:
+            positions = paddle.arange(memory_length, memory_length + query_length, dtype="int64")
+            if self.config.block_position_encoding:
+                positions = paddle.stack([positions, paddle.zeros_like(positions)])  # [2, L]
+            position_ids = positions.unsqueeze(0).expand([batch_size] + positions.shape)
+        word_embeddings = self.word_embeddings(input_ids)  # [B, L, hidden]
+        _check_runs_here(word_embeddings)
+        bias = attention_bias(attention_mask, batch_size, query_length, memory_length)
+        hidden_states, new_cache = self.transformer(word_embeddings, position_ids, bias, cache, use_cache)
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if not return_dict:
+            return (hidden_states, new_cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=new_cache)
+
+
+class GLMForConditionalGeneration(GLMPretrainedModel):
+    """GLM with its LM head (tied to the word embeddings) and the masked, optionally smoothed, loss."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__(config)
+        self.glm = GLMModel(config)
+
+    def lm_logits(self, hidden_states):
+        return paddle.matmul(hidden_states, self.glm.word_embeddings.weight, transpose_y=True)
+
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        labels=None,
+        loss_mask=None,
+        cache: Optional[List[LayerCache]] = None,
+        use_cache: bool = False,
+        return_dict: Optional[bool] = None,
+        return_logits: Optional[bool] = None,
+    ):
+        """Returns (loss, logits, cache) as a tuple or `CausalLMOutputWithCrossAttentions`.
+
+        labels [B, L] and loss_mask [B, L] (float or int; None = every label >= 0 counts): the loss is the
+        token cross-entropy weighted by loss_mask and divided by its sum. By default logits are computed
+        only when there are no labels (`return_logits=True` forces them).
+        """
+        hidden_states, new_cache = self.glm(
+            input_ids, position_ids, attention_mask, cache=cache, use_cache=use_cache, return_dict=False
+        )
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.lm_logits(hidden_states) if return_logits else None
+        loss = None
+        if labels is not None:
+            loss = self.loss(hidden_states, labels, loss_mask)
+
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if not return_dict:
+            output = (logits, new_cache)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=new_cache)
+
+    def loss(self, hidden_states, labels, loss_mask=None):
+        """Weighted token cross-entropy with THUDM's label smoothing, on the weighted positions only."""
+        labels = labels.reshape([-1])
+        if loss_mask is None:
+            weights = (labels >= 0).astype("float32")
+        else:
+            weights = loss_mask.reshape([-1]).astype("float32")
+        positions = paddle.nonzero(weights).reshape([-1])
+        hidden = paddle.gather(hidden_states.reshape([-1, hidden_states.shape[-1]]), positions)  # [N, hidden]
+        logits = self.lm_logits(hidden).astype("float32")  # [N, vocab]
+        token_labels = paddle.gather(labels, positions).unsqueeze(-1)
+        # cross_entropy and logsumexp, not log_softmax: Paddle's CPU log_softmax kernel is ~100x slower
+        # (3.5 s for 500 x 8192 on 2 cores). mean_vocab(-log_softmax) = logsumexp - mean(logits).
+        token_loss = F.cross_entropy(logits, token_labels, reduction="none").squeeze(-1)
+        epsilon = self.config.label_smoothing
+        if epsilon > 0:
+            smooth_loss = paddle.logsumexp(logits, axis=-1) - logits.mean(axis=-1)
+            token_loss = (1.0 - epsilon) * token_loss + epsilon * smooth_loss
+        weights = paddle.gather(weights, positions)
+        return (token_loss * weights).sum() / weights.sum()
