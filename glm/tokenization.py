@@ -1,0 +1,81 @@
+"""Loading a GLM tokenizer and naming its special ids.
+
+PaddleNLP's `GLMChineseTokenizer` adds GLM's special tokens above the sentencepiece vocabulary when it
+is loaded with `from_pretrained(dir)`. Built directly (`GLMChineseTokenizer(model_file=...)`) it maps
+every special token to sentencepiece's unknown id 0, and training would then silently learn nonsense:
+`special_token_ids` refuses such a tokenizer.
+"""
+
+import os
+from dataclasses import dataclass
+
+from paddlenlp.transformers import AutoTokenizer
+
+__all__ = ["GLMSpecialIds", "TokenizerError", "load_tokenizer", "special_token_ids"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used for GLM (missing, or special tokens not distinct)."""
+
+
+@dataclass(frozen=True)
+class GLMSpecialIds:
+    cls: int
+    eos: int  # <|endoftext|>, also the padding id
+    sop: int  # <|startofpiece|>: starts every generated span
+    eop: int  # <|endofpiece|>: ends it
+    mask: int  # [MASK]: a short blank
+    smask: int  # [sMASK]: a sentence blank
+    gmask: int  # [gMASK]: long generation at the end
+
+    @property
+    def pad(self) -> int:
+        return self.eos
+
+    @property
+    def mask_ids(self):
+        return (self.mask, self.smask, self.gmask)
+
+
+_SPECIAL_TOKENS = {
+    "cls": "[CLS]",
+    "eos": "<|endoftext|>",
+    "sop": "<|startofpiece|>",
+    "eop": "<|endofpiece|>",
+    "mask": "[MASK]",
+    "smask": "[sMASK]",
+    "gmask": "[gMASK]",
+}
+
+
+def special_token_ids(tokenizer) -> GLMSpecialIds:
+    """The GLM special ids of `tokenizer`; a TokenizerError if any two coincide or one is unknown."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _SPECIAL_TOKENS.items()}
+    by_id = {}
+    for name, token_id in ids.items():
+        by_id.setdefault(token_id, []).append(_SPECIAL_TOKENS[name])
+    for token_id, tokens in by_id.items():
+        if len(tokens) > 1:
+            raise TokenizerError(
+                f"the tokenizer maps GLM special tokens {', '.join(tokens)} to the same id {token_id} "
+                "(GLMChineseTokenizer(model_file=...) does this): load it with from_pretrained(DIR) instead"
+            )
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    for name, token_id in ids.items():
+        if token_id is None or token_id == unknown:
+            raise TokenizerError(
+                f"the tokenizer does not know GLM's {_SPECIAL_TOKENS[name]} (it maps to the unknown id {token_id}); "
+                "load it with from_pretrained(DIR) from a directory holding tokenizer_config.json"
+            )
+    return GLMSpecialIds(**ids)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in directory `path` (a GLM checkpoint or our tiny default), checked for GLM."""
+    if not os.path.isdir(path):
+        raise TokenizerError(f"{path}: not a directory (expected a GLM checkpoint or tokenizer directory)")
+    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        raise TokenizerError(f"{path}: no tokenizer_config.json, so no tokenizer can be loaded from it")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    special_token_ids(tokenizer)
+    return tokenizer
