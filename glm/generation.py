@@ -1,0 +1,352 @@
+"""Decoding for GLM with THUDM's semantics: greedy, sampling and beam search over a key/value cache.
+
+Each blank is answered after `<|startofpiece|>` fed at the blank's position; the position channel stays
+at the mask position while the block channel counts 1, 2, 3, ... Several blanks are filled left to
+right, each answer joining the memory before the next blank starts (THUDM's generate_samples).
+
+The model is used through one narrow interface, `_extend`: feed tokens with explicit positions and a
+mask over memory + new keys, get the cache back (and the last position's logits). The search logic runs
+in NumPy on the [rows, vocab] log-probabilities: per step it is a handful of small array operations,
+cheaper on CPU than dozens of tiny Paddle kernel launches.
+
+Batches are left-padded: padded keys are marked invalid in `memory_valid` and never attended.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from .tokenization import GLMSpecialIds
+
+__all__ = ["GenerationConfig", "GLMGenerator", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
+
+DECODE_STRATEGIES = ("greedy_search", "sampling", "beam_search")
+LENGTH_PENALTY_FORMS = ("thudm", "gnmt")
+
+
+@dataclass
+class GenerationConfig:
+    decode_strategy: str = "beam_search"
+    tgt_length: int = 160  # at most this many new tokens per blank
+    min_tgt_length: int = 0  # end-of-piece is blocked until this many tokens exist
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    length_penalty_form: str = "thudm"  # score = logprob / len**lp; "gnmt": / ((5 + len) / 6)**lp
+    early_stopping: bool = False  # stop a beam row as soon as it has num_beams finished hypotheses
+    select_topk: bool = True  # beam candidates by top-k (THUDM's --select-topk); False samples them
+    no_repeat_ngram_size: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    num_return_sequences: int = 1
+    seed: Optional[int] = None  # NumPy seed of sampling
+
+    def __post_init__(self):
+        problems = []
+        if self.decode_strategy not in DECODE_STRATEGIES:
+            problems.append(f"decode_strategy must be one of {', '.join(DECODE_STRATEGIES)}")
+        if self.length_penalty_form not in LENGTH_PENALTY_FORMS:
+            problems.append(f"length_penalty_form must be one of {', '.join(LENGTH_PENALTY_FORMS)}")
+        if self.tgt_length < 1:
+            problems.append("tgt_length must be at least 1")
+        if not 0 <= self.min_tgt_length <= self.tgt_length:
+            problems.append("min_tgt_length must be between 0 and tgt_length")
+        if self.num_beams < 1:
+            problems.append("num_beams must be at least 1")
+        if self.num_return_sequences < 1:
+            problems.append("num_return_sequences must be at least 1")
+        if self.decode_strategy == "beam_search" and self.num_return_sequences > self.num_beams:
+            problems.append("num_return_sequences cannot exceed num_beams in beam search")
+        if self.decode_strategy == "greedy_search" and self.num_return_sequences > 1:
+            problems.append("greedy search returns one sequence: use sampling or beam search for more")
+        if self.no_repeat_ngram_size < 0 or self.top_k < 0:
+            problems.append("no_repeat_ngram_size and top_k must not be negative")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.temperature <= 0:
+            problems.append("temperature must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class _BeamHypotheses:
+    """The finished hypotheses of one batch row (THUDM/HF BeamHypotheses)."""
+
+    def __init__(self, num_beams: int, config: GenerationConfig):
+        self.num_beams = num_beams
+        self.config = config
+        self.kept = []  # (score, tokens)
+
+    def penalised(self, sum_logprobs: float, length: int) -> float:
+        length = max(length, 1)  # an immediately ended answer would divide by 0**lp
+        if self.config.length_penalty_form == "gnmt":
+            return sum_logprobs / ((5.0 + length) / 6.0) ** self.config.length_penalty
+        return sum_logprobs / length**self.config.length_penalty
+
+    def add(self, tokens: List[int], sum_logprobs: float):
+        score = self.penalised(sum_logprobs, len(tokens))
+        if len(self.kept) < self.num_beams or score > self.worst():
+            self.kept.append((score, tokens))
+            self.kept.sort(key=lambda item: -item[0])
+            del self.kept[self.num_beams :]
+
+    def worst(self) -> float:
+        return self.kept[-1][0]
+
+    def is_done(self, best_open_sum_logprobs: float, generated: int) -> bool:
+        if len(self.kept) < self.num_beams:
+            return False
+        if self.config.early_stopping:
+            return True
+        return self.worst() >= self.penalised(best_open_sum_logprobs, generated)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class GLMGenerator:
+    """Generates the answers of GLM blanks for a batch of tokenized sources.
+
+    sources: token ids as GLMInputBuilder makes them (`[CLS] ... [gMASK] <|endoftext|>`); every
+    [MASK]/[sMASK]/[gMASK] is a blank. `banned_ids` are never generated (e.g. glm-10b-chinese's [gMASK],
+    the padded rows of the embedding above the tokenizer's vocabulary).
+    """
+
+    def __init__(self, model, special_ids: GLMSpecialIds, banned_ids: Sequence[int] = ()):
+        self.model = getattr(model, "model", model)  # a peft LoRAModel wraps the GLM it adapts
+        self.ids = special_ids
+        self.stop_ids = np.array([special_ids.eop, special_ids.eos])
+        self.banned_ids = np.array(sorted(set(banned_ids)), dtype="int64")
+        self.max_positions = self.model.config.max_sequence_length
+
+    @paddle.no_grad()
+    def generate(self, sources: Sequence[Sequence[int]], config: GenerationConfig) -> List[List[List[List[int]]]]:
+        """Per source, per blank (left to right), the `num_return_sequences` best answers as token lists
+        (without <|startofpiece|> and the stop token). Later blanks are conditioned on the best answer."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(sources, config)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _generate(self, sources, config):
+        blanks = [[i for i, token in enumerate(source) if token in self.ids.mask_ids] for source in sources]
+        for index, (source, positions) in enumerate(zip(sources, blanks)):
+            if not positions:
+                raise ValueError(f"source {index} holds no [MASK], [sMASK] or [gMASK]: nothing to generate")
+            if len(source) > self.max_positions or config.tgt_length > self.max_positions:
+                raise ValueError(
+                    f"source {index} has {len(source)} tokens and tgt_length is {config.tgt_length}; the model's "
+                    f"max_sequence_length is {self.max_positions}"
+                )
+        rng = np.random.default_rng(config.seed)
+        cache, memory_valid = self._encode_sources(sources)
+        results = [[] for _ in sources]
+        active = list(range(len(sources)))  # the sources whose rows are in the cache, in cache order
+        for blank in range(max(len(positions) for positions in blanks)):
+            keep = [i for i, source in enumerate(active) if len(blanks[source]) > blank]
+            if len(keep) < len(active):  # sources with no blank left drop out of the cache
+                index = paddle.to_tensor(keep)
+                cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
+                memory_valid = memory_valid[keep]
+                active = [active[i] for i in keep]
+            mask_positions = np.array([blanks[source][blank] for source in active])
+            answers = self._decode_blank(cache, memory_valid, mask_positions, config, rng)
+            for source, answer in zip(active, answers):
+                results[source].append(answer)
+            if any(len(blanks[source]) > blank + 1 for source in active):
+                best = [answer[0] for answer in answers]
+                cache, memory_valid = self._append_answers(cache, memory_valid, mask_positions, best)
+        return results
+
+    # -- the model interface ------------------------------------------------------------------------
+
+    def _extend(self, cache, memory_valid, input_ids, position_ids, new_valid, causal, with_logits):
+        """Feed [N, q] tokens on top of the memory; returns (cache, memory_valid, last-position logits)."""
+        rows, q = input_ids.shape
+        memory = memory_valid.shape[1]
+        new_keys = np.broadcast_to(new_valid[:, None, :], (rows, q, q))
+        if causal:
+            new_keys = new_keys & np.tril(np.ones((q, q), dtype=bool))
+        old_keys = np.broadcast_to(memory_valid[:, None, :], (rows, q, memory))
+        mask = np.concatenate([old_keys, new_keys], axis=-1)[:, None]  # [N, 1, q, M + q]
+        hidden, cache = self.model.glm(
+            paddle.to_tensor(input_ids),
+            paddle.to_tensor(position_ids),
+            paddle.to_tensor(mask),
+            cache=cache or None,
+            use_cache=True,
+            return_dict=False,
+        )
+        logits = None
+        if with_logits:
+            logits = self.model.lm_logits(hidden[:, -1]).astype("float32").numpy()  # [N, vocab]
+        return cache, np.concatenate([memory_valid, new_valid], axis=1), logits
+
+    def _encode_sources(self, sources):
+        """One bidirectional pass over the left-padded sources."""
+        length = max(len(source) for source in sources)
+        input_ids = np.full((len(sources), length), self.ids.pad, dtype="int64")
+        position_ids = np.zeros((len(sources), 2, length), dtype="int64")
+        valid = np.zeros((len(sources), length), dtype=bool)
+        for row, source in enumerate(sources):
+            start = length - len(source)
+            input_ids[row, start:] = source
+            position_ids[row, 0, start:] = np.arange(len(source))
+            valid[row, start:] = True
+        empty = np.zeros((len(sources), 0), dtype=bool)
+        cache, memory_valid, _ = self._extend(None, empty, input_ids, position_ids, valid, False, False)
+        return cache, memory_valid
+
+    def _append_answers(self, cache, memory_valid, mask_positions, answers):
+        """Puts `<|startofpiece|> answer` of each row into the memory, as THUDM does before the next blank."""
+        length = 1 + max(len(answer) for answer in answers)
+        input_ids = np.full((len(answers), length), self.ids.pad, dtype="int64")
+        position_ids = np.zeros((len(answers), 2, length), dtype="int64")
+        valid = np.zeros((len(answers), length), dtype=bool)
+        for row, answer in enumerate(answers):
+            input_ids[row, : len(answer) + 1] = [self.ids.sop] + list(answer)
+            position_ids[row, 0] = mask_positions[row]
+            position_ids[row, 1, : len(answer) + 1] = np.arange(1, len(answer) + 2)
+            valid[row, : len(answer) + 1] = True
+        cache, memory_valid, _ = self._extend(cache, memory_valid, input_ids, position_ids, valid, True, False)
+        return cache, memory_valid
+
+    def _step(self, cache, memory_valid, tokens, mask_positions, block_position):
+        position_ids = np.stack([mask_positions, np.full_like(mask_positions, block_position)], axis=1)[:, :, None]
+        valid = np.ones((len(tokens), 1), dtype=bool)
+        return self._extend(cache, memory_valid, tokens[:, None], position_ids, valid, True, True)
+
+    # -- the search ---------------------------------------------------------------------------------
+
+    def _decode_blank(self, cache, memory_valid, mask_positions, config, rng):
+        batch = len(mask_positions)
+        sop = np.full(batch, self.ids.sop, dtype="int64")
+        cache, memory_valid, logits = self._step(cache, memory_valid, sop, mask_positions, 1)
+        copies = config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
+        if copies > 1:  # every beam / sample starts from the same sop step
+            index = paddle.to_tensor(np.repeat(np.arange(batch), copies))
+            cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
+            memory_valid = np.repeat(memory_valid, copies, axis=0)
+            logits = np.repeat(logits, copies, axis=0)
+        mask_positions = np.repeat(mask_positions, copies)
+        search = self._beam_search if config.decode_strategy == "beam_search" else self._sample
+        return search(cache, memory_valid, logits, mask_positions, batch, copies, config, rng)
+
+    def _sample(self, cache, memory_valid, logits, mask_positions, batch, copies, config, rng):
+        rows = batch * copies
+        generated = [[] for _ in range(rows)]
+        finished = np.zeros(rows, dtype=bool)
+        for step in range(config.tgt_length):
+            scores = self._processed_scores(logits, generated, config)
+            if config.decode_strategy == "greedy_search":
+                tokens = scores.argmax(axis=-1)
+            else:
+                tokens = self._sample_tokens(scores, config, rng)
+            for row in np.flatnonzero(~finished):
+                if tokens[row] in self.stop_ids:
+                    finished[row] = True
+                else:
+                    generated[row].append(int(tokens[row]))
+            if finished.all() or step == config.tgt_length - 1:
+                break
+            tokens = np.where(finished, self.ids.pad, tokens).astype("int64")
+            cache, memory_valid, logits = self._step(cache, memory_valid, tokens, mask_positions, step + 2)
+        return [generated[b * copies : (b + 1) * copies] for b in range(batch)]
+
+    def _sample_tokens(self, scores, config, rng):
+        scores = scores / config.temperature
+        if config.top_k > 0:
+            kth = -np.partition(-scores, config.top_k - 1, axis=-1)[:, config.top_k - 1 : config.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        if config.top_p < 1.0:
+            order = np.argsort(-probs, axis=-1)
+            sorted_probs = np.take_along_axis(probs, order, axis=-1)
+            # keep the smallest prefix whose mass reaches top_p (always at least the first token)
+            drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= config.top_p
+            drop = np.zeros_like(drop_sorted)
+            np.put_along_axis(drop, order, drop_sorted, axis=-1)
+            probs = np.where(drop, 0.0, probs)
+            probs /= probs.sum(axis=-1, keepdims=True)
+        return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+
+    def _beam_search(self, cache, memory_valid, logits, mask_positions, batch, num_beams, config, rng):
+        vocab = logits.shape[-1]
+        hypotheses = [_BeamHypotheses(num_beams, config) for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        beam_scores = np.zeros((batch, num_beams), dtype="float64")
+        beam_scores[:, 1:] = -1e9  # all beams start equal: only beam 0 may propose at the first step
+        beam_scores = beam_scores.reshape(-1)
+        generated = [[] for _ in range(batch * num_beams)]
+        for step in range(config.tgt_length):
+            scores = self._processed_scores(logits, generated, config) + beam_scores[:, None]
+            flat = scores.reshape(batch, num_beams * vocab)
+            # THUDM takes 2 x beams candidates for its one end token; with two stop ids, 3 x beams
+            # guarantees num_beams continuations even if every beam's best tokens are stops.
+            candidates = self._beam_candidates(flat, (1 + len(self.stop_ids)) * num_beams, config, rng)
+            next_scores = np.zeros(batch * num_beams)
+            next_tokens = np.full(batch * num_beams, self.ids.pad, dtype="int64")
+            next_rows = np.arange(batch * num_beams)
+            for b in np.flatnonzero(~done):
+                chosen = 0
+                for rank, index in enumerate(candidates[b]):
+                    row, token, score = b * num_beams + index // vocab, index % vocab, flat[b, index]
+                    if token in self.stop_ids:
+                        if rank < num_beams:  # an end ranked below the beam width is not a hypothesis
+                            hypotheses[b].add(list(generated[row]), float(score))
+                        continue
+                    slot = b * num_beams + chosen
+                    next_scores[slot], next_tokens[slot], next_rows[slot] = score, token, row
+                    chosen += 1
+                    if chosen == num_beams:
+                        break
+                done[b] = hypotheses[b].is_done(float(flat[b, candidates[b, 0]]), step)
+            generated = [generated[row] + [int(token)] for row, token in zip(next_rows, next_tokens)]
+            beam_scores = next_scores
+            if done.all() or step == config.tgt_length - 1:
+                break
+            if not np.array_equal(next_rows, np.arange(batch * num_beams)):
+                index = paddle.to_tensor(next_rows)
+                cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
+            cache, memory_valid, logits = self._step(cache, memory_valid, next_tokens, mask_positions, step + 2)
+        results = []
+        for b in range(batch):
+            if not done[b]:  # out of length: the open beams compete with the finished ones
+                for row in range(b * num_beams, (b + 1) * num_beams):
+                    hypotheses[b].add(generated[row], float(beam_scores[row]))
+            results.append([tokens for _, tokens in hypotheses[b].kept[: config.num_return_sequences]])
+        return results
+
+    @staticmethod
+    def _beam_candidates(flat, count, config, rng):
+        if config.select_topk:
+            top = np.argpartition(-flat, count - 1, axis=-1)[:, :count]
+        else:
+            probs = np.exp(flat - flat.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            top = np.stack([rng.choice(flat.shape[-1], size=count, replace=False, p=row) for row in probs])
+        order = np.argsort(-np.take_along_axis(flat, top, axis=-1), axis=-1, kind="stable")
+        return np.take_along_axis(top, order, axis=-1)
+
+    def _processed_scores(self, logits, generated, config):
+        """Log-probabilities with THUDM's processors: min length, no-repeat-ngram; plus banned ids."""
+        scores = _log_softmax(logits.astype("float64"))
+        if self.banned_ids.size:
+            scores[:, self.banned_ids] = -np.inf
+        n = config.no_repeat_ngram_size
+        for row, tokens in enumerate(generated):
+            if len(tokens) < config.min_tgt_length:
+                scores[row, self.stop_ids] = -np.inf
+            if n > 0 and len(tokens) >= n:
+                prefix = tuple(tokens[len(tokens) - n + 1 :])
+                banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+                scores[row, banned] = -np.inf
+        return scores

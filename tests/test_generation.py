@@ -1,0 +1,212 @@
+"""Decoding against uncached, brute-force oracles built from full forward passes."""
+
+import itertools
+
+import numpy as np
+import paddle
+import pytest
+from conftest import tiny_config_kwargs
+
+from glm import GLMConfig, GLMForConditionalGeneration
+from glm.generation import GenerationConfig, GLMGenerator, _log_softmax
+from glm.tokenization import GLMSpecialIds
+
+IDS = GLMSpecialIds(cls=90, eos=91, sop=95, eop=89, mask=92, smask=93, gmask=94)
+VOCAB = 96
+
+
+def model_with_seed(seed, **overrides):
+    paddle.seed(seed)
+    model = GLMForConditionalGeneration(GLMConfig(**tiny_config_kwargs(**overrides)))
+    model.eval()
+    return model
+
+
+def source(*tokens, blank=IDS.gmask):
+    return [IDS.cls, *tokens, blank, IDS.eos]
+
+
+def full_sequence_inputs(src, answers):
+    """Source + (sop answer) per blank, with GLM's positions and a 4-D mask: the oracle's layout."""
+    blanks = [i for i, t in enumerate(src) if t in IDS.mask_ids]
+    ids, positions, blocks = list(src), list(range(len(src))), [0] * len(src)
+    for blank, answer in zip(blanks, answers):
+        ids += [IDS.sop] + list(answer)
+        positions += [blank] * (len(answer) + 1)
+        blocks += list(range(1, len(answer) + 2))
+    n, sep = len(ids), len(src)
+    keys, queries = np.arange(n)[None, :], np.arange(n)[:, None]
+    mask = ((keys < sep) | (keys <= queries))[None, None].astype("int64")
+    return (paddle.to_tensor([ids]), paddle.to_tensor([[positions, blocks]]), paddle.to_tensor(mask))
+
+
+def next_token_logprobs(model, src, answers):
+    """Log-probabilities of the token after the last one, by a full uncached forward pass."""
+    logits = model(*full_sequence_inputs(src, answers), return_dict=True).logits.numpy()[0, -1]
+    return _log_softmax(logits.astype("float64"))
+
+
+def sequence_logprob(model, src, answer, stop=True):
+    ids, positions, mask = full_sequence_inputs(src, [answer])
+    logprobs = _log_softmax(model(ids, positions, mask, return_dict=True).logits.numpy()[0].astype("float64"))
+    targets = list(answer) + ([IDS.eop] if stop else [])
+    start = len(src)  # the sop position predicts answer[0]
+    return sum(logprobs[start + i, token] for i, token in enumerate(targets))
+
+
+def uncached_greedy(model, src, tgt_length, banned=()):
+    answer = []
+    for _ in range(tgt_length):
+        scores = next_token_logprobs(model, src, [answer])
+        scores[list(banned)] = -np.inf
+        token = int(scores.argmax())
+        if token in (IDS.eop, IDS.eos):
+            break
+        answer.append(token)
+    return answer
+
+
+def biased(model, bias):
+    """Shift the LM head's logits of chosen tokens ({token: bias}), e.g. to make the model want to stop."""
+    original = model.lm_logits
+    bias_vector = paddle.zeros([VOCAB])
+    for token, value in bias.items():
+        bias_vector[token] = value
+    model.lm_logits = lambda hidden: original(hidden) + bias_vector
+    return model
+
+
+def test_cached_greedy_equals_uncached_greedy_for_a_padded_batch():
+    model = model_with_seed(3)
+    sources = [source(5, 6, 7, 8, 9, 10), source(11, 12), source(13, 14, 15)]
+    generator = GLMGenerator(model, IDS)
+    results = generator.generate(sources, GenerationConfig(decode_strategy="greedy_search", tgt_length=8))
+    for src, result in zip(sources, results):
+        assert result[0][0] == uncached_greedy(model, src, 8)
+    assert any(len(r[0][0]) == 8 for r in results)  # a non-trivial comparison: long answers
+
+
+def test_beam_search_finds_the_exhaustive_best_sequence():
+    allowed = [20, 21, 22]
+    model = biased(model_with_seed(11), {token: 4.0 for token in allowed})  # not just the empty answer
+    banned = [t for t in range(VOCAB) if t not in allowed + [IDS.eop]]
+    src = source(5, 6, 7)
+    tgt_length = 3
+    # every answer: up to tgt_length tokens ending in eop, or tgt_length tokens cut by the length limit
+    candidates = []
+    for length in range(tgt_length + 1):
+        for answer in itertools.product(allowed, repeat=length):
+            candidates.append((sequence_logprob(model, src, answer, stop=True), list(answer)))
+            if length == tgt_length:
+                candidates.append((sequence_logprob(model, src, answer, stop=False), list(answer)))
+    _, best = max(candidates)
+    assert len(best) >= 2  # a search problem, not the empty answer
+    generator = GLMGenerator(model, IDS, banned_ids=banned)
+    config = GenerationConfig(num_beams=9, tgt_length=tgt_length, length_penalty=0.0, num_return_sequences=3)
+    returned = generator.generate([src], config)[0][0]
+    assert returned[0] == best
+    # THUDM's search keeps an end only when it ranks within the beam width, so the runners-up need not
+    # be the global 2nd and 3rd; they must still come out in the order of their true scores.
+    # (an answer of tgt_length tokens was cut by the limit; a shorter one ended with eop)
+    true_scores = [sequence_logprob(model, src, a, stop=len(a) < tgt_length) for a in returned]
+    assert true_scores == sorted(true_scores, reverse=True)
+
+
+def test_length_penalty_changes_the_ranking_as_thudm_scores_it():
+    model = model_with_seed(11)
+    generator = GLMGenerator(model, IDS, banned_ids=[t for t in range(VOCAB) if t not in (20, 21, 22, IDS.eop)])
+    src = source(5, 6, 7)
+    for penalty in (0.0, 2.0):
+        config = GenerationConfig(num_beams=9, tgt_length=3, length_penalty=penalty, num_return_sequences=9)
+        answers = generator.generate([src], config)[0][0]
+        scores = [sequence_logprob(model, src, a, stop=len(a) < 3) / max(len(a), 1) ** penalty for a in answers]
+        assert scores == sorted(scores, reverse=True)
+    short = generator.generate([src], GenerationConfig(num_beams=9, tgt_length=3, length_penalty=0.0))[0][0][0]
+    long = generator.generate([src], GenerationConfig(num_beams=9, tgt_length=3, length_penalty=5.0))[0][0][0]
+    assert len(long) >= len(short) and long != short
+
+
+def test_batch_equals_one_row_at_a_time():
+    model = model_with_seed(5)
+    sources = [source(5, 6, 7, 8, 9), source(11, 12), source(30, 31, 32, 33)]
+    generator = GLMGenerator(model, IDS)
+    for config in (
+        GenerationConfig(decode_strategy="greedy_search", tgt_length=6),
+        GenerationConfig(num_beams=4, tgt_length=6, length_penalty=0.7, no_repeat_ngram_size=2, num_return_sequences=2),
+    ):
+        batched = generator.generate(sources, config)
+        for src, result in zip(sources, batched):
+            assert generator.generate([src], config)[0] == result
+
+
+@pytest.mark.parametrize("strategy", ["greedy_search", "beam_search"])
+def test_min_length_blocks_the_end(strategy):
+    model = biased(model_with_seed(5), {IDS.eop: 6.0})
+    generator = GLMGenerator(model, IDS)
+    sources = [source(5, 6, 7), source(8, 9)]
+    free = generator.generate(sources, GenerationConfig(decode_strategy=strategy, num_beams=3, tgt_length=10))
+    assert all(len(r[0][0]) < 5 for r in free)  # without the processor they stop early
+    held = generator.generate(
+        sources, GenerationConfig(decode_strategy=strategy, num_beams=3, tgt_length=10, min_tgt_length=5)
+    )
+    assert all(len(r[0][0]) >= 5 for r in held)
+
+
+@pytest.mark.parametrize("strategy", ["greedy_search", "beam_search"])
+def test_no_repeat_ngram_holds(strategy):
+    model = model_with_seed(8)
+    generator = GLMGenerator(model, IDS, banned_ids=[IDS.eop, IDS.eos])  # run to the length limit
+
+    def bigrams(tokens):
+        return list(zip(tokens, tokens[1:]))
+
+    sources = [source(5, 6), source(7, 8, 9)]
+    free = generator.generate(sources, GenerationConfig(decode_strategy=strategy, num_beams=3, tgt_length=24))
+    assert any(len(set(bigrams(r[0][0]))) < len(bigrams(r[0][0])) for r in free)  # repeats without it
+    held = generator.generate(
+        sources, GenerationConfig(decode_strategy=strategy, num_beams=3, tgt_length=24, no_repeat_ngram_size=2)
+    )
+    for result in held:
+        answer = result[0][0]
+        assert len(answer) == 24 and len(set(bigrams(answer))) == len(bigrams(answer))
+
+
+def test_two_blanks_are_filled_left_to_right_with_the_first_answer_in_memory():
+    model = model_with_seed(3)
+    src = [IDS.cls, 5, IDS.mask, 6, 7, IDS.smask, 8, IDS.eos]
+    generator = GLMGenerator(model, IDS)
+    answers = generator.generate([src], GenerationConfig(decode_strategy="greedy_search", tgt_length=5))[0]
+    assert len(answers) == 2
+    first, second = answers[0][0], answers[1][0]
+    assert first == uncached_greedy(model, src, 5)
+    # the oracle for the second blank: source, then sop + first answer at blank 1, then sop at blank 2
+    expected = []
+    for _ in range(5):
+        token = int(next_token_logprobs(model, src, [first, expected]).argmax())
+        if token in (IDS.eop, IDS.eos):
+            break
+        expected.append(token)
+    assert second == expected
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = model_with_seed(3)
+    generator = GLMGenerator(model, IDS)
+    config = GenerationConfig(decode_strategy="sampling", tgt_length=6, top_k=1, seed=0)
+    # top_k = 1 is greedy whatever the seed
+    assert generator.generate([source(5, 6)], config)[0][0][0] == uncached_greedy(model, source(5, 6), 6)
+    wide = GenerationConfig(decode_strategy="sampling", tgt_length=6, top_p=0.9, temperature=1.5, seed=4,
+                            num_return_sequences=3)
+    assert generator.generate([source(5, 6)], wide) == generator.generate([source(5, 6)], wide)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="num_return_sequences cannot exceed num_beams"):
+        GenerationConfig(num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="decode_strategy must be one of"):
+        GenerationConfig(decode_strategy="beam")
+    generator = GLMGenerator(model_with_seed(1), IDS)
+    with pytest.raises(ValueError, match="holds no \\[MASK\\]"):
+        generator.generate([[IDS.cls, 5, IDS.eos]], GenerationConfig())
+    with pytest.raises(ValueError, match="max_sequence_length is 64"):
+        generator.generate([source(5)], GenerationConfig(tgt_length=65))
