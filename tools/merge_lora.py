@@ -1,0 +1,33 @@
+"""Merge a LoRA adapter into its base GLM and write a plain checkpoint.
+
+    python tools/merge_lora.py --model_name_or_path BASE --lora_path ADAPTER --output_dir OUT
+
+OUT gets config.json, model_state.pdparams and BASE's tokenizer files; it loads with
+GLMForConditionalGeneration.from_pretrained (ours or PaddleNLP's) and no adapter.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+from glm.lora_merge import LoRAMergeError, merge_lora_checkpoint  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name_or_path", required=True, help="base checkpoint dir the adapter was trained on")
+    parser.add_argument("--lora_path", required=True, help="adapter dir (lora_config.json + lora_model_state.pdparams)")
+    parser.add_argument("--output_dir", required=True, help="new (or empty) directory for the merged checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_dir)
+    except (LoRAMergeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"merged {args.lora_path} into {args.model_name_or_path}: {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
