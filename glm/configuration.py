@@ -1,8 +1,15 @@
 """GLM configuration: the fields of a THUDM / PaddleNLP GLM `config.json`."""
 
 from paddlenlp.transformers import PretrainedConfig
+from paddlenlp.transformers.glm.configuration import (
+    GLM_PRETRAINED_INIT_CONFIGURATION,
+    GLM_PRETRAINED_RESOURCE_FILES_MAP,
+)
 
-__all__ = ["GLMConfig"]
+__all__ = ["GLMConfig", "BUILTIN_CHECKPOINTS"]
+
+# PaddleNLP's own GLM checkpoints, downloadable by name (where the network allows).
+BUILTIN_CHECKPOINTS = tuple(GLM_PRETRAINED_INIT_CONFIGURATION)
 
 
 class GLMConfig(PretrainedConfig):
@@ -20,6 +27,7 @@ class GLMConfig(PretrainedConfig):
     """
 
     model_type = "glm"
+    pretrained_init_configuration = GLM_PRETRAINED_INIT_CONFIGURATION
     attribute_map = {"num_hidden_layers": "num_layers", "torch_dtype": "dtype"}
 
     def __init__(

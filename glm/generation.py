@@ -20,7 +20,7 @@ import paddle
 
 from .tokenization import GLMSpecialIds
 
-__all__ = ["GenerationConfig", "GLMGenerator", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
+__all__ = ["GenerationConfig", "GLMGenerator", "generate_answers", "default_banned_ids", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
 
 DECODE_STRATEGIES = ("greedy_search", "sampling", "beam_search")
 LENGTH_PENALTY_FORMS = ("thudm", "gnmt")
@@ -63,8 +63,8 @@ class GenerationConfig:
             problems.append("greedy search returns one sequence: use sampling or beam search for more")
         if self.no_repeat_ngram_size < 0 or self.top_k < 0:
             problems.append("no_repeat_ngram_size and top_k must not be negative")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            problems.append("top_p must be in [0, 1] (0 and 1 switch it off)")
         if self.temperature <= 0:
             problems.append("temperature must be positive")
         if problems:
@@ -267,7 +267,7 @@ class GLMGenerator:
             scores = np.where(scores < kth, -np.inf, scores)
         probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs /= probs.sum(axis=-1, keepdims=True)
-        if config.top_p < 1.0:
+        if 0 < config.top_p < 1.0:
             order = np.argsort(-probs, axis=-1)
             sorted_probs = np.take_along_axis(probs, order, axis=-1)
             # keep the smallest prefix whose mass reaches top_p (always at least the first token)
@@ -350,3 +350,29 @@ class GLMGenerator:
                 banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
                 scores[row, banned] = -np.inf
         return scores
+
+
+def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,
+                     batch_size: int, progress=None) -> List[List[List[str]]]:
+    """Text in, text out: per text, per blank, the `num_return_sequences` answers as strings.
+
+    Sources are built by `builder` (the same GLMInputBuilder training uses) and decoded in batches of
+    similar length, so little padding is computed; results come back in the order of `texts`.
+    `progress`, if given, is called with the number of texts finished after each batch.
+    """
+    sources = [builder.build(text).input_ids for text in texts]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    answers = [None] * len(sources)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for index, blanks in zip(batch, generator.generate([sources[i] for i in batch], config)):
+            answers[index] = [[builder.tokenizer.decode(tokens).strip() for tokens in blank] for blank in blanks]
+        if progress is not None:
+            progress(len(batch))
+    return answers
+
+
+def default_banned_ids(config, tokenizer) -> List[int]:
+    """Ids never to generate: the config's `bad_words_id` (glm-10b-chinese bans [gMASK], which shared an id
+    with <|endofpiece|> in its pretraining) and the embedding rows above the tokenizer's vocabulary."""
+    return sorted(set(getattr(config, "bad_words_id", None) or []) | set(range(len(tokenizer), config.vocab_size)))

@@ -31,9 +31,10 @@ def linear_target_patterns(model: nn.Layer, patterns: Iterable[str]) -> List[str
     return generalised if covered == set(chosen) else [re.escape(name) for name in chosen]
 
 
-def apply_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=DEFAULT_LORA_TARGETS) -> LoRAModel:
+def apply_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, base_model_name_or_path=None):
     """Wrap `model` in LoRA adapters on the named Linear layers; only the adapters train."""
     config = LoRAConfig(
+        base_model_name_or_path=base_model_name_or_path,
         target_modules=linear_target_patterns(model, target_modules),
         r=rank,
         lora_alpha=alpha,
