@@ -12,7 +12,7 @@ Evaluation decodes the dev set and scores ROUGE-1/2/L and BLEU-4 on jieba words.
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import List, Optional
 
@@ -24,15 +24,24 @@ from paddlenlp.trainer.trainer_utils import IntervalStrategy
 from paddlenlp.utils.log import logger
 
 from data import DataError, build_examples, find_split_file, read_rows
-from glm.generation import GenerationConfig, GLMGenerator, default_banned_ids, generate_answers
+from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.lora import DEFAULT_LORA_TARGETS, apply_lora
 from glm.loading import CheckpointError, load_model_and_tokenizer
 from glm.tokenization import TokenizerError
-from utils import UserError, exit_on_user_error, generation_metrics, write_jsonl_atomic
+from utils import (
+    GENERATION_SETTINGS,
+    GenerationArguments,
+    UserError,
+    exit_on_user_error,
+    generation_metrics,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-default.json")
+DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # where predict_generation.py looks
 
 
 @dataclass
@@ -70,40 +79,8 @@ class DataArguments:
     src_key: Optional[str] = field(default=None, metadata={"help": "Source field (default: auto-detected)."})
     tgt_key: Optional[str] = field(default=None, metadata={"help": "Target field (default: auto-detected)."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
-
-
-@dataclass
-class GenerationArguments:
-    decode_strategy: str = field(default="beam_search", metadata={"help": "beam_search, greedy_search or sampling."})
-    min_tgt_length: int = field(default=55, metadata={"help": "No end-of-piece before this many tokens."})
-    num_beams: int = field(default=5, metadata={"help": "Beam width."})
-    length_penalty: float = field(default=0.7, metadata={"help": "Beam score = logprob / length ** penalty."})
-    length_penalty_form: str = field(default="thudm", metadata={"help": "thudm: len**lp; gnmt: ((5+len)/6)**lp."})
-    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Never repeat a generated n-gram of this size."})
-    select_topk: bool = field(default=True, metadata={"help": "Beam candidates by top-k (else sampled)."})
-    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus mass (1.0 or 0: off)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Decode only the first N dev rows."})
     eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
-
-    def config(self, tgt_length: int) -> GenerationConfig:
-        try:
-            return GenerationConfig(
-                decode_strategy=self.decode_strategy,
-                tgt_length=tgt_length,
-                min_tgt_length=self.min_tgt_length,
-                num_beams=self.num_beams,
-                length_penalty=self.length_penalty,
-                length_penalty_form=self.length_penalty_form,
-                select_topk=self.select_topk,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                temperature=self.temperature,
-            )
-        except ValueError as error:
-            raise UserError(str(error)) from None
 
 
 def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) -> float:
@@ -182,7 +159,7 @@ def parse_arguments(argv):
     parser = PdArgumentParser((ModelArguments, DataArguments, GenerationArguments, TrainingArguments))
     if not argv:
         logger.info(f"No arguments: running the embedded default recipe {os.path.relpath(DEFAULT_RECIPE)}")
-        argv = [DEFAULT_RECIPE]
+        argv = [DEFAULT_RECIPE, "--output_dir", DEFAULT_OUTPUT]
     if argv[0].endswith(".json"):  # a recipe, then flags that override it
         if not os.path.isfile(argv[0]):
             raise UserError(f"{argv[0]}: no such recipe file")
@@ -235,7 +212,7 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
     dtype = resolve_amp(training_args, model_args)
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
-    generation_config = generation_args.config(data_args.tgt_length)
+    generation_config = generation_args.config(data_args.tgt_length, seed=training_args.seed)
 
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
@@ -264,10 +241,10 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
     train_dataset = eval_dataset = eval_rows = None
     if training_args.do_train:
         train_dataset = MapDataset([e.features() for e in build_examples(load_split(data_args, "train"), builder)])
-    if training_args.do_eval or generation_args.eval_before_training:
+    if training_args.do_eval or data_args.eval_before_training:
         dev = load_split(data_args, "dev")
-        if generation_args.max_eval_samples:
-            dev.rows = dev.rows[: generation_args.max_eval_samples]
+        if data_args.max_eval_samples:
+            dev.rows = dev.rows[: data_args.max_eval_samples]
         eval_dataset = MapDataset([e.features() for e in build_examples(dev, builder)])
         eval_rows = ([r[dev.source_key] for r in dev.rows], [r[dev.target_key] for r in dev.rows], dev.rows)
 
@@ -288,12 +265,16 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
         # Pure half precision: keep the model's explicit float32 softmax/loss casts (autocast would undo them).
         trainer.disable_autocast_context_manager()
 
-    if generation_args.eval_before_training:
+    if data_args.eval_before_training:
         untrained = trainer.evaluate(metric_key_prefix="untrained")
         trainer.save_metrics("untrained", untrained)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        if training_args.should_save:
+            settings = dict(asdict(generation_args), src_length=data_args.src_length,
+                            tgt_length=data_args.tgt_length, mask_token=data_args.mask_token)
+            write_json_atomic(os.path.join(training_args.output_dir, GENERATION_SETTINGS), settings)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()

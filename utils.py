@@ -6,13 +6,58 @@ import os
 import sys
 import tempfile
 import unicodedata
-from typing import Dict, Iterable, List
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
 
-__all__ = ["generation_metrics", "write_jsonl_atomic", "write_json_atomic", "exit_on_user_error", "UserError"]
+from glm.generation import GenerationConfig
+
+__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "generation_metrics", "write_jsonl_atomic", "write_json_atomic", "exit_on_user_error", "UserError"]
 
 
 class UserError(Exception):
     """A mistake of the user's (a path, a flag, a config): reported in one line, exit status 2."""
+
+
+@dataclass
+class GenerationArguments:
+    """Decoding flags shared by finetune_generation.py (evaluation) and predict_generation.py (THUDM defaults)."""
+
+    decode_strategy: str = field(default="beam_search", metadata={"help": "beam_search, greedy_search or sampling."})
+    min_tgt_length: int = field(default=55, metadata={"help": "No end-of-piece before this many tokens."})
+    num_beams: int = field(default=5, metadata={"help": "Beam width."})
+    length_penalty: float = field(default=0.7, metadata={"help": "Beam score = logprob / length ** penalty."})
+    length_penalty_form: str = field(default="thudm", metadata={"help": "thudm: len**lp; gnmt: ((5+len)/6)**lp."})
+    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Never repeat a generated n-gram of this size."})
+    select_topk: bool = field(default=True, metadata={"help": "Beam candidates by top-k (else sampled)."})
+    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus mass (1.0 or 0: off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Answers kept per blank (prediction)."})
+
+    def config(self, tgt_length: int, seed: Optional[int] = None) -> GenerationConfig:
+        try:
+            return GenerationConfig(
+                decode_strategy=self.decode_strategy,
+                tgt_length=tgt_length,
+                min_tgt_length=self.min_tgt_length,
+                num_beams=self.num_beams,
+                length_penalty=self.length_penalty,
+                length_penalty_form=self.length_penalty_form,
+                select_topk=self.select_topk,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                temperature=self.temperature,
+                num_return_sequences=self.num_return_sequences,
+                seed=seed,
+            )
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+
+# Written by finetune_generation.py beside the model: the input lengths and decoding flags it was
+# evaluated with, which predict_generation.py takes as its defaults.
+GENERATION_SETTINGS = "generation_settings.json"
 
 
 def _segment(text: str) -> List[str]:

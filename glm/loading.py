@@ -49,6 +49,7 @@ def load_model(path: str, dtype=None, **config_overrides) -> GLMForConditionalGe
 
 def load_model_and_tokenizer(path: str, dtype=None, **config_overrides):
     """The model and tokenizer of `path`; the tokenizer's ids must fit the model's embeddings."""
+    model = load_model(path, dtype, **config_overrides)  # first: it says best what is wrong with a path
     if path not in BUILTIN_CHECKPOINTS:
         tokenizer = load_tokenizer(path)
     else:
@@ -58,7 +59,6 @@ def load_model_and_tokenizer(path: str, dtype=None, **config_overrides):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as error:  # noqa: BLE001  (PaddleNLP raises many kinds on a failed download)
             raise TokenizerError(f"{path}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
-    model = load_model(path, dtype, **config_overrides)
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "

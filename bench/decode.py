@@ -1,0 +1,203 @@
+"""Decode tokens/s of our GLM engine (glm/generation.py) and of PaddleNLP's GLM `generate` on the same
+weights, prompts and number of new tokens, in the same process; prints tokens/s, the ratio, whether the
+greedy tokens of both agree, and what PaddleNLP's beam search does with short prompts.
+
+    python bench/decode.py                          # tiny config and a glm-large-shaped slice (4 layers)
+    python bench/decode.py --only large --layers 24 --steps 3
+
+Both sides do the same work: exactly --new-tokens tokens per prompt, prompt encoding included. The stop
+ids (<|endofpiece|>, <|endoftext|>) are banned on both sides, and PaddleNLP also gets min_new_tokens =
+max_new_tokens. PaddleNLP is fed as its tokenizer's `build_inputs_for_generation` lays inputs out
+(right-padded sources, <|startofpiece|> appended, position_ids [B, 2, L + max_gen], 4-D 0/1 mask: its
+1-D `sep` path never runs); ours gets the token lists and left-pads them itself.
+
+tokens/s = prompts x new tokens / seconds of one generate call. Beam search returns the best sequence
+of each prompt, so its tokens/s counts those returned tokens (prompts x new tokens) although it decodes
+beams x as many rows. Not a test: figures only.
+"""
+
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import glm  # noqa: E402  (sets the CPU thread count before paddle is imported)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+from paddlenlp.transformers import GLMConfig as PaddleNLPGLMConfig  # noqa: E402
+from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM  # noqa: E402
+from paddlenlp.transformers.glm.tokenizer import GLMTokenizerMixin  # noqa: E402
+
+from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
+from glm.modeling import MASKED_SCORE  # noqa: E402
+from glm.tokenization import GLMSpecialIds  # noqa: E402
+
+# `eos` is the first of GLM's ten special ids (50000 in the real vocabulary; 566 in our tiny default's).
+SHAPES = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=576, max_sequence_length=256, eos=566),
+    "large": dict(num_layers=4, hidden_size=1024, num_attention_heads=16, vocab_size=50048, max_sequence_length=1024,
+                  eos=50000),
+}
+BEAMS = 5
+
+
+def special_ids(eos):
+    # GLM's layout: <|endoftext|> [SEP] [CLS] [MASK] [UNUSED1] [UNUSED2] <|startofpiece|> <|endofpiece|> [sMASK] [gMASK]
+    return GLMSpecialIds(cls=eos + 2, eos=eos, sop=eos + 6, eop=eos + 7, mask=eos + 3, smask=eos + 8, gmask=eos + 9)
+
+
+def make_sources(ids, count, shortest, longest, seed=0):
+    """`count` prompts `[CLS] random ids [gMASK] <|endoftext|>` of lengths spread over [shortest, longest]."""
+    rng = np.random.default_rng(seed)
+    lengths = np.linspace(shortest, longest, count).astype(int)
+    return [[ids.cls] + rng.integers(0, ids.eos, n - 3).tolist() + [ids.gmask, ids.eos] for n in lengths]
+
+
+def paddlenlp_inputs(sources, ids, new_tokens):
+    """PaddleNLP's own recipe (GLMTokenizerMixin.build_inputs_for_generation) on the tokenizer's right-padded
+    batch; the recipe reads only the mask and sop ids from the tokenizer, so no vocabulary file is needed."""
+    length = max(len(source) for source in sources)
+    input_ids = np.full((len(sources), length), ids.pad, dtype="int64")
+    attention_mask = np.zeros_like(input_ids)
+    for row, source in enumerate(sources):
+        input_ids[row, : len(source)] = source
+        attention_mask[row, : len(source)] = 1
+    tokenizer = SimpleNamespace(mask_token_ids=list(ids.mask_ids), sop_token_id=ids.sop)
+    batch = SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask)
+    inputs = GLMTokenizerMixin.build_inputs_for_generation(tokenizer, batch, max_gen_length=new_tokens)
+    return {name: paddle.to_tensor(value) for name, value in inputs.items()}
+
+
+def build(name, layers):
+    shape = dict(SHAPES[name])
+    ids = special_ids(shape.pop("eos"))
+    if layers:
+        shape["num_layers"] = layers
+    config = dict(shape, output_predict=True)
+    paddle.seed(0)
+    ours = glm.GLMForConditionalGeneration(glm.GLMConfig(**config))
+    theirs = PaddleNLPGLM(PaddleNLPGLMConfig(**config))
+    missing, unexpected = theirs.set_state_dict(ours.state_dict())
+    assert not missing and not unexpected, (missing, unexpected)
+    ours.eval()
+    theirs.eval()
+    # Our engine stops on <|endofpiece|> and <|endoftext|>, so both are banned on both sides. PaddleNLP's
+    # min length blocks one id only, and its `logits_processors` argument crashes (get_logits_processor
+    # iterates a LogitsProcessorList, which is not iterable): ban them in its per-model logits hook. Out of
+    # place: greedy_search hands the hook the strided view `logits[:, -1, :]`, and Paddle 3.3.1's setitem
+    # with a list index on a strided view writes outside it (it corrupted our model's weights).
+    stop_bias = paddle.zeros([shape["vocab_size"]])
+    stop_bias[[ids.eop, ids.eos]] = MASKED_SCORE
+
+    def ban_stops(logits):
+        return logits + stop_bias
+
+    theirs.adjust_logits_during_generation = ban_stops
+    return shape, ids, ours, theirs
+
+
+def runners(ours, theirs, ids, sources, new_tokens):
+    """generate() of each engine and strategy: each returns the generated token lists, one per prompt."""
+    generator = GLMGenerator(ours, ids, banned_ids=[ids.eop, ids.eos])
+    inputs = paddlenlp_inputs(sources, ids, new_tokens)
+
+    def paddlenlp_greedy():
+        output, _ = theirs.generate(
+            **inputs, decode_strategy="greedy_search", max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            eos_token_id=ids.eop, pad_token_id=ids.pad,
+        )
+        return output.numpy().tolist()
+
+    def ours_search(strategy, beams):
+        config = GenerationConfig(decode_strategy=strategy, num_beams=beams, tgt_length=new_tokens)
+        return lambda: [blanks[0][0] for blanks in generator.generate(sources, config)]
+
+    return {
+        "PaddleNLP greedy": paddlenlp_greedy,
+        "ours greedy": ours_search("greedy_search", 1),
+        f"ours beam {BEAMS}": ours_search("beam_search", BEAMS),
+    }
+
+
+def paddlenlp_beam_crash(theirs, ids, batch):
+    """PaddleNLP's update_memories slices the batch axis (`hiddens[i][-new_memory_length:]`), so a first
+    step over L positions keeps L rows of the batch x beams cache: it crashes when batch x beams > L."""
+    sources = make_sources(ids, batch, 8, 8)
+    rows, positions = batch * BEAMS, len(sources[0]) + 1  # + the appended <|startofpiece|>
+    try:
+        theirs.generate(**paddlenlp_inputs(sources, ids, 4), decode_strategy="beam_search", num_beams=BEAMS,
+                        max_new_tokens=4, eos_token_id=ids.eop, pad_token_id=ids.pad)
+        return f"ran ({batch} prompts x {BEAMS} beams = {rows} rows, {positions} positions): not reproduced"
+    except Exception as error:  # noqa: BLE001  (the crash is what we show)
+        message = str(error).strip().splitlines()[0][:160]
+        return (f"crashed ({batch} prompts x {BEAMS} beams = {rows} rows > {positions} positions: update_memories "
+                f"cached only the last {positions} rows of the batch axis): {type(error).__name__}: {message}")
+
+
+def agreement(ours_tokens, their_tokens):
+    same = sum(a == b for a, b in zip(ours_tokens, their_tokens))
+    line = f"{same}/{len(ours_tokens)} prompts identical"
+    for row, (a, b) in enumerate(zip(ours_tokens, their_tokens)):
+        if a != b:
+            step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            line += f"; prompt {row} first differs at new token {step}: ours {a[step:step + 3]} vs PaddleNLP {b[step:step + 3]}"
+            break
+    return line
+
+
+def bench(name, args):
+    shape, ids, ours, theirs = build(name, args.layers if name == "large" else None)
+    sources = make_sources(ids, args.prompts, args.shortest, args.longest)
+    new_tokens = args.new_tokens
+    print(f"{name}: layers={shape['num_layers']} hidden={shape['hidden_size']} vocab={shape['vocab_size']} "
+          f"prompts={len(sources)} source tokens {min(map(len, sources))}-{max(map(len, sources))} "
+          f"new tokens={new_tokens}", flush=True)
+    print(f"  PaddleNLP beam search: {paddlenlp_beam_crash(theirs, ids, args.prompts)}", flush=True)
+
+    # Warm-up (kernels, allocator) on a few tokens: a full-length run of PaddleNLP costs a timed run's time.
+    for run in runners(ours, theirs, ids, sources, min(8, new_tokens)).values():
+        run()
+    runs = runners(ours, theirs, ids, sources, new_tokens)
+    seconds = {label: [] for label in runs}
+    outputs = {}
+    # Interleave the engines so drift in machine load hits all alike.
+    for step in range(args.steps):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            outputs[label] = run()
+            seconds[label].append(time.perf_counter() - start)
+            print(f"  run {step + 1}/{args.steps} {label:17s} {seconds[label][-1]:7.2f} s", flush=True)
+
+    for label, tokens in outputs.items():
+        assert all(len(t) == new_tokens for t in tokens), f"{label} did not generate exactly {new_tokens} tokens"
+    speed = {label: len(sources) * new_tokens / (sum(times) / len(times)) for label, times in seconds.items()}
+    base = speed["PaddleNLP greedy"]
+    for label, tokens_per_second in speed.items():
+        print(f"  {label:17s} {tokens_per_second:8.1f} tok/s   {tokens_per_second / base:5.2f}x PaddleNLP greedy",
+              flush=True)
+    print(f"  greedy tokens, ours vs PaddleNLP: {agreement(outputs['ours greedy'], outputs['PaddleNLP greedy'])}",
+          flush=True)
+    return speed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SHAPES), help="run one config only")
+    parser.add_argument("--layers", type=int, help=f"layers of the large slice (default {SHAPES['large']['num_layers']})")
+    parser.add_argument("--steps", type=int, default=2, help="timed generate calls per engine and strategy (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
+    parser.add_argument("--shortest", type=int, default=100, help="shortest source, in tokens (default 100)")
+    parser.add_argument("--longest", type=int, default=200, help="longest source, in tokens (default 200)")
+    args = parser.parse_args()
+    print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    for name in [args.only] if args.only else ["tiny", "large"]:
+        bench(name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Generate with a GLM checkpoint: beam search, length penalty, no-repeat-ngram, minimum length, sampling.
+
+    python predict_generation.py --data_file dev.json --output_file predictions.jsonl
+    echo "类型#裙*颜色#红色" | python predict_generation.py          # a prompt per line, JSON out
+    python predict_generation.py                                    # interactive prompts
+
+Inputs are read like training data (JSON Lines; the source field auto-detected or --src_key) and built
+by the same GLMInputBuilder, so the prompt is exactly the one the model was trained on. Each output row
+is the input's fields plus `prediction` (and `filled`, the text with its blanks filled, when the source
+holds several [MASK]/[sMASK]; `predictions` when --num_return_sequences > 1). With --output_file, rows
+are appended to OUTPUT.partial as batches finish and renamed to OUTPUT at the end; a rerun resumes
+from the partial file.
+"""
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
+import paddle
+from paddlenlp.trainer import PdArgumentParser
+from paddlenlp.utils.log import logger
+
+from data import DataError, read_rows
+from glm.generation import GLMGenerator, default_banned_ids, generate_answers
+from glm.inputs import MASK_TOKENS, GLMInputBuilder
+from glm.lora import load_lora
+from glm.loading import CheckpointError, load_model_and_tokenizer
+from glm.tokenization import TokenizerError
+from utils import GENERATION_SETTINGS, GenerationArguments, UserError, exit_on_user_error
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
+BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
+
+
+@dataclass
+class PredictArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": f"GLM checkpoint directory (default: {os.path.relpath(DEFAULT_MODEL)})."}
+    )
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
+    data_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines input (default: prompts from stdin)."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines output (default: stdout)."})
+    batch_size: int = field(default=8, metadata={"help": "Sources decoded together."})
+    src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
+    tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
+    mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
+    src_key: Optional[str] = field(default=None, metadata={"help": "Source field (default: auto-detected)."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
+    dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
+    seed: Optional[int] = field(default=None, metadata={"help": "Seed of sampling."})
+
+
+class Predictor:
+    """Model, tokenizer, input builder and decoding settings: text in, output rows out."""
+
+    def __init__(self, args: PredictArguments, generation_args: GenerationArguments):
+        path = args.model_name_or_path or DEFAULT_MODEL
+        if args.model_name_or_path is None and not os.path.isdir(path):
+            raise UserError(
+                f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
+                "run `python finetune_generation.py` first"
+            )
+        if args.dtype not in ("float32", "float16", "bfloat16"):
+            raise UserError(f"--dtype must be float32, float16 or bfloat16; got {args.dtype}")
+        if args.dtype != "float32" and not paddle.device.is_compiled_with_cuda():
+            raise UserError(f"--dtype {args.dtype} needs a GPU: Paddle's CPU kernels have no half precision")
+        model, self.tokenizer = load_model_and_tokenizer(path, None if args.dtype == "float32" else args.dtype)
+        if args.lora_path:
+            if not os.path.exists(os.path.join(args.lora_path, "lora_config.json")):
+                raise UserError(f"{args.lora_path}: no lora_config.json (expected a LoRA adapter directory)")
+            model = load_lora(model, args.lora_path)
+        model.eval()
+        for name in ("src_length", "tgt_length"):
+            if getattr(args, name) > model.config.max_sequence_length:
+                raise UserError(
+                    f"--{name} {getattr(args, name)} exceeds the model's max_sequence_length {model.config.max_sequence_length}"
+                )
+        try:
+            self.builder = GLMInputBuilder(self.tokenizer, args.src_length, args.tgt_length, args.mask_token)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        self.config = generation_args.config(args.tgt_length, seed=args.seed)
+        self.generator = GLMGenerator(model, self.builder.ids, default_banned_ids(model.config, self.tokenizer))
+        self.batch_size = args.batch_size
+
+    def predict(self, texts: List[str], progress=None):
+        """Per text, the fields to add to its output row."""
+        answers = generate_answers(self.generator, self.builder, texts, self.config, self.batch_size, progress)
+        return [self.output_fields(text, blanks) for text, blanks in zip(texts, answers)]
+
+    def output_fields(self, text, blanks):
+        best = [candidates[0] for candidates in blanks]
+        fields = {"prediction": best[0] if len(best) == 1 else best}
+        if len(best) > 1:  # fill the blanks of the text, left to right
+            answers = iter(best)
+            fields["filled"] = BLANK.sub(lambda match: next(answers, match.group(0)), text)
+        if self.config.num_return_sequences > 1:
+            fields["predictions"] = blanks[0] if len(blanks) == 1 else blanks
+        return fields
+
+
+def predict_file(predictor: Predictor, args: PredictArguments):
+    dataset = read_rows(args.data_file, args.src_key, need_target=False, skip_bad_rows=args.skip_bad_rows)
+    rows = dataset.rows
+    partial = args.output_file + ".partial" if args.output_file else None
+    done = _completed_rows(partial) if partial else 0
+    if done:
+        logger.info(f"Resuming: {done} of {len(rows)} rows already in {partial}")
+    output = open(partial, "a", encoding="utf-8") if partial else sys.stdout
+    from tqdm import tqdm
+
+    # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
+    chunk = predictor.batch_size * 8
+    with tqdm(total=len(rows), initial=done, desc="predicting", unit="row", file=sys.stderr) as bar:
+        for start in range(done, len(rows), chunk):
+            part = rows[start : start + chunk]
+            results = predictor.predict([row[dataset.source_key] for row in part], progress=bar.update)
+            for row, fields in zip(part, results):
+                output.write(json.dumps(dict(row, **fields), ensure_ascii=False) + "\n")
+            output.flush()
+            if partial:
+                os.fsync(output.fileno())
+    if partial:
+        output.close()
+        os.replace(partial, args.output_file)
+        logger.info(f"Wrote {len(rows)} predictions to {args.output_file}")
+
+
+def _completed_rows(partial: str) -> int:
+    """Whole JSON lines already in a partial output; a torn last line (a killed run) is cut off."""
+    if not os.path.exists(partial):
+        return 0
+    with open(partial, "rb") as f:
+        data = f.read()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(partial, "wb") as f:
+            f.write(keep)
+    return keep.count(b"\n")
+
+
+def predict_stdin(predictor: Predictor, args: PredictArguments):
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a prompt (a blank is [MASK], [sMASK] or [gMASK]; none means generate after it). Ctrl-D ends.")
+    output = open(args.output_file, "w", encoding="utf-8") if args.output_file else sys.stdout
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        fields = predictor.predict([text])[0]
+        if interactive:
+            print(fields.get("filled") or fields["prediction"])
+        else:
+            output.write(json.dumps(dict(source=text, **fields), ensure_ascii=False) + "\n")
+            output.flush()
+
+
+def parse_arguments(argv):
+    """Flags; those not given come from the checkpoint's generation_settings.json (what it was evaluated
+    with in finetune_generation.py), then from the defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = PdArgumentParser((PredictArguments, GenerationArguments))
+    try:
+        args, generation_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    settings_file = os.path.join(args.model_name_or_path or DEFAULT_MODEL, GENERATION_SETTINGS)
+    if os.path.isfile(settings_file):
+        with open(settings_file, encoding="utf-8") as f:
+            settings = json.load(f)
+        given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+        for name, value in settings.items():
+            for target in (args, generation_args):
+                if hasattr(target, name) and name not in given:
+                    setattr(target, name, value)
+    return args, generation_args
+
+
+def main(argv=None):
+    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+        args, generation_args = parse_arguments(argv)
+        predictor = Predictor(args, generation_args)
+        if args.data_file:
+            predict_file(predictor, args)
+        else:
+            predict_stdin(predictor, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""predict_generation.py: outputs, LoRA adapters, resume from a partial file, defaults, bad input."""
+
+import json
+import os
+
+import pytest
+from test_finetune import cli, micro_data, micro_model, run  # noqa: F401  (fixtures)
+
+import predict_generation
+from glm.lora_merge import merge_lora_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(micro_model, micro_data, tmp_path_factory):  # noqa: F811
+    """A micro GLM finetuned a few steps, and a LoRA adapter trained on top of it."""
+    base = tmp_path_factory.mktemp("base")
+    run(micro_model, micro_data, base, "--do_train", "--max_steps", "8", "--learning_rate", "1e-2")
+    adapter = tmp_path_factory.mktemp("adapter")
+    run(
+        str(base), micro_data, adapter, "--do_train", "--max_steps", "6", "--learning_rate", "5e-2", "--lora", "true",
+        "--lora_rank", "4", "--lora_target_modules", ".*query_key_value.*", ".*mlp.*",
+    )  # fmt: skip
+    return str(base), str(adapter)
+
+
+def predict(*flags, data_file=None, output_file=None):
+    argv = ["--min_tgt_length", "3", "--tgt_length", "12", "--num_beams", "2", "--batch_size", "4", *flags]
+    if data_file:
+        argv += ["--data_file", str(data_file)]
+    if output_file:
+        argv += ["--output_file", str(output_file)]
+    predict_generation.main(argv)
+    return [json.loads(line) for line in open(output_file, encoding="utf-8")] if output_file else None
+
+
+def test_rows_keep_their_fields_and_gain_a_prediction(trained, micro_data, tmp_path):  # noqa: F811
+    base, _ = trained
+    rows = predict("--model_name_or_path", base, data_file=os.path.join(micro_data, "dev.json"), output_file=tmp_path / "o.jsonl")
+    inputs = [json.loads(line) for line in open(os.path.join(micro_data, "dev.json"), encoding="utf-8")]
+    assert len(rows) == len(inputs)
+    for row, source in zip(rows, inputs):
+        assert {k: row[k] for k in source} == source
+        assert isinstance(row["prediction"], str) and row["prediction"]
+    # the settings the checkpoint was trained with are the defaults (src_length 40 from the finetune run)
+    settings = json.load(open(os.path.join(base, "generation_settings.json")))
+    assert settings["src_length"] == 40
+
+
+def test_lora_adapter_changes_the_output_and_equals_the_merged_model(trained, micro_data, tmp_path):  # noqa: F811
+    base, adapter = trained
+    data = os.path.join(micro_data, "dev.json")
+    plain = predict("--model_name_or_path", base, data_file=data, output_file=tmp_path / "base.jsonl")
+    adapted = predict("--model_name_or_path", base, "--lora_path", adapter, data_file=data, output_file=tmp_path / "lora.jsonl")
+    merge_lora_checkpoint(base, adapter, str(tmp_path / "merged"))
+    merged = predict("--model_name_or_path", str(tmp_path / "merged"), "--src_length", "40", data_file=data,
+                     output_file=tmp_path / "merged.jsonl")  # fmt: skip
+    assert [r["prediction"] for r in adapted] != [r["prediction"] for r in plain]
+    assert [r["prediction"] for r in adapted] == [r["prediction"] for r in merged]
+
+
+def test_a_partial_output_is_resumed(trained, micro_data, tmp_path):  # noqa: F811
+    base, _ = trained
+    data = os.path.join(micro_data, "dev.json")
+    first = json.loads(open(data, encoding="utf-8").readline())
+    output = tmp_path / "out.jsonl"
+    kept = dict(first, prediction="KEPT FROM THE KILLED RUN")
+    (tmp_path / "out.jsonl.partial").write_text(json.dumps(kept, ensure_ascii=False) + '\n{"content": "torn', encoding="utf-8")
+    rows = predict("--model_name_or_path", base, data_file=data, output_file=output)
+    assert rows[0]["prediction"] == "KEPT FROM THE KILLED RUN"  # not decoded again
+    assert len(rows) == 6 and all(r["prediction"] for r in rows)
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_several_blanks_are_filled_and_shown(trained, tmp_path):
+    base, _ = trained
+    (tmp_path / "in.json").write_text(json.dumps({"src": "这款[MASK]的裙子，[sMASK]"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    row = predict("--model_name_or_path", base, data_file=tmp_path / "in.json", output_file=tmp_path / "o.jsonl")[0]
+    assert isinstance(row["prediction"], list) and len(row["prediction"]) == 2
+    assert row["filled"] == f"这款{row['prediction'][0]}的裙子，{row['prediction'][1]}"
+
+
+def test_stdin_prompts_one_per_line(trained):
+    base, _ = trained
+    result = cli("predict_generation.py", "--model_name_or_path", base, "--num_beams", "2", "--tgt_length", "8",
+                 input="类型#裙*颜色#红色\n\n类型#裤\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["source"] for o in outputs] == ["类型#裙*颜色#红色", "类型#裤"]
+    assert all(o["prediction"] for o in outputs)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_name_or_path", "{tmp}/none"], "no such model directory"),
+        (["--data_file", "{tmp}/missing.json"], "missing.json: no such file"),
+        (["--lora_path", "{tmp}"], "no lora_config.json"),
+        (["--dtype", "bfloat16"], "needs a GPU"),
+        (["--tgt_length", "500"], "exceeds the model's max_sequence_length"),
+        (["--decode_strategy", "beam"], "decode_strategy must be one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, flags, message):
+    base, _ = trained
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        predict_generation.main(["--model_name_or_path", base, *flags])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
