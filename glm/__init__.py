@@ -1,6 +1,11 @@
 """glm-paddle: GLM (General Language Model, autoregressive blank infilling) on PaddlePaddle."""
 
 import os
+import warnings
+
+# Noise Paddle's import prints on every run of every script, unrelated to anything the user can change.
+warnings.filterwarnings("ignore", message="No ccache found")
+warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
 
 # Paddle pins OMP_NUM_THREADS=1 at import when it is unset; GLM on 2 CPU cores runs ~1.4x faster with
 # both. Under `paddle.distributed.launch` each worker gets its share of the cores instead.

@@ -237,3 +237,16 @@ def test_data_parallel_on_two_cpu_processes(micro_model, micro_data, tmp_path):
     worker_logs = sorted(p.name for p in (tmp_path / "log").glob("workerlog.*"))
     assert worker_logs == ["workerlog.0", "workerlog.1"]
     assert "world_size                    : 2" in logs
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(name for name in os.listdir(os.path.join(ROOT, "configs")) if name.endswith(".json"))
+)
+def test_shipped_recipes_parse(recipe):
+    model_args, data_args, generation_args, training_args = finetune_generation.parse_arguments(
+        [os.path.join(ROOT, "configs", recipe), "--output_dir", "unused"]
+    )
+    assert training_args.do_train and training_args.do_eval
+    generation_args.config(data_args.tgt_length)  # valid decoding settings
+    if "lora" in recipe:
+        assert model_args.lora
