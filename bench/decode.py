@@ -17,7 +17,9 @@ beams x as many rows. Not a test: figures only.
 """
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 from types import SimpleNamespace
@@ -37,7 +39,8 @@ from glm.tokenization import GLMSpecialIds  # noqa: E402
 
 # `eos` is the first of GLM's ten special ids (50000 in the real vocabulary; 566 in our tiny default's).
 SHAPES = {
-    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=576, max_sequence_length=256, eos=566),
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=576, max_sequence_length=256,
+                 eos=566),
     "large": dict(num_layers=4, hidden_size=1024, num_attention_heads=16, vocab_size=50048, max_sequence_length=1024,
                   eos=50000),
 }
@@ -71,12 +74,13 @@ def paddlenlp_inputs(sources, ids, new_tokens):
     return {name: paddle.to_tensor(value) for name, value in inputs.items()}
 
 
-def build(name, layers):
+def build(name, layers=None, **overrides):
+    """Our GLM and PaddleNLP's with the same weights, both in eval mode, and the special ids."""
     shape = dict(SHAPES[name])
     ids = special_ids(shape.pop("eos"))
     if layers:
         shape["num_layers"] = layers
-    config = dict(shape, output_predict=True)
+    config = dict(shape, output_predict=True, **overrides)
     paddle.seed(0)
     ours = glm.GLMForConditionalGeneration(glm.GLMConfig(**config))
     theirs = PaddleNLPGLM(PaddleNLPGLMConfig(**config))
@@ -122,7 +126,7 @@ def runners(ours, theirs, ids, sources, new_tokens):
     }
 
 
-def paddlenlp_beam_crash(theirs, ids, batch):
+def paddlenlp_beam_crash(theirs, ids, batch=4):
     """PaddleNLP's update_memories slices the batch axis (`hiddens[i][-new_memory_length:]`), so a first
     step over L positions keeps L rows of the batch x beams cache: it crashes when batch x beams > L."""
     sources = make_sources(ids, batch, 8, 8)
@@ -143,7 +147,8 @@ def agreement(ours_tokens, their_tokens):
     for row, (a, b) in enumerate(zip(ours_tokens, their_tokens)):
         if a != b:
             step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            line += f"; prompt {row} first differs at new token {step}: ours {a[step:step + 3]} vs PaddleNLP {b[step:step + 3]}"
+            line += (f"; prompt {row} first differs at new token {step}: "
+                     f"ours {a[step:step + 3]} vs PaddleNLP {b[step:step + 3]}")
             break
     return line
 
@@ -155,10 +160,10 @@ def bench(name, args):
     print(f"{name}: layers={shape['num_layers']} hidden={shape['hidden_size']} vocab={shape['vocab_size']} "
           f"prompts={len(sources)} source tokens {min(map(len, sources))}-{max(map(len, sources))} "
           f"new tokens={new_tokens}", flush=True)
-    print(f"  PaddleNLP beam search: {paddlenlp_beam_crash(theirs, ids, args.prompts)}", flush=True)
+    print(f"  PaddleNLP beam search: {paddlenlp_beam_crash(theirs, ids)}", flush=True)
 
-    # Warm-up (kernels, allocator) on a few tokens: a full-length run of PaddleNLP costs a timed run's time.
-    for run in runners(ours, theirs, ids, sources, min(8, new_tokens)).values():
+    # Warm-up (kernels, allocator) on a few tokens: a full-length PaddleNLP run costs as much as a timed one.
+    for run in runners(ours, theirs, ids, sources, min(4, new_tokens)).values():
         run()
     runs = runners(ours, theirs, ids, sources, new_tokens)
     seconds = {label: [] for label in runs}
@@ -173,6 +178,7 @@ def bench(name, args):
 
     for label, tokens in outputs.items():
         assert all(len(t) == new_tokens for t in tokens), f"{label} did not generate exactly {new_tokens} tokens"
+    # Every side returns prompts x new_tokens tokens (beam search: the best beam of each prompt).
     speed = {label: len(sources) * new_tokens / (sum(times) / len(times)) for label, times in seconds.items()}
     base = speed["PaddleNLP greedy"]
     for label, tokens_per_second in speed.items():
@@ -180,23 +186,36 @@ def bench(name, args):
               flush=True)
     print(f"  greedy tokens, ours vs PaddleNLP: {agreement(outputs['ours greedy'], outputs['PaddleNLP greedy'])}",
           flush=True)
-    return speed
+    if args.profile:
+        for label in ("ours greedy", f"ours beam {BEAMS}"):
+            print(f"  cProfile of one {label} run, by own time:", flush=True)
+            profile = cProfile.Profile()
+            profile.runcall(runs[label])
+            pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+    return speed["ours greedy"] / base
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SHAPES), help="run one config only")
-    parser.add_argument("--layers", type=int, help=f"layers of the large slice (default {SHAPES['large']['num_layers']})")
-    parser.add_argument("--steps", type=int, default=2, help="timed generate calls per engine and strategy (default 2)")
+    parser.add_argument("--layers", type=int,
+                        help=f"layers of the large slice (default {SHAPES['large']['num_layers']})")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="timed generate calls per engine and strategy, interleaved (default 1: PaddleNLP takes "
+                             "minutes on the large slice)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt (default 128)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
     parser.add_argument("--shortest", type=int, default=100, help="shortest source, in tokens (default 100)")
     parser.add_argument("--longest", type=int, default=200, help="longest source, in tokens (default 200)")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="after timing, cProfile one run of ours (greedy, beam) and print its top N functions")
     args = parser.parse_args()
+    start = time.perf_counter()
     print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    for name in [args.only] if args.only else ["tiny", "large"]:
-        bench(name, args)
+    ratios = {name: bench(name, args) for name in ([args.only] if args.only else ["tiny", "large"])}
+    print("ours / PaddleNLP greedy tokens/s: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+          + f"  (team target: >= 3x on large)   total {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
