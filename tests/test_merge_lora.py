@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 from conftest import ROOT, tiny_config_kwargs
-from test_modeling import glm_inputs, relative_error
+from test_modeling import glm_inputs, relative_error, train_steps
 
 from glm import GLMConfig, GLMForConditionalGeneration
 from glm.lora import apply_lora
@@ -40,13 +40,7 @@ def base_and_adapter(tmp_path):
     base = GLMForConditionalGeneration.from_pretrained(tmp_path / "base")
     lora_model = apply_lora(base, rank=4, alpha=8, target_modules=TARGETS)
     x = glm_inputs(lora_model.model.config.vocab_size)
-    optimizer = paddle.optimizer.AdamW(1e-2, parameters=[p for p in lora_model.parameters() if not p.stop_gradient])
-    lora_model.train()
-    for _ in range(2):
-        loss = lora_model(x["input_ids"], x["position_ids"], x["sep"], labels=x["labels"], loss_mask=x["loss_mask"])[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
+    train_steps(lora_model, x, steps=2)
     assert all(np.abs(p.numpy()).max() > 0 for n, p in lora_model.named_parameters() if "lora_B" in n)
     lora_model.save_pretrained(tmp_path / "adapter")
     lora_model.eval()

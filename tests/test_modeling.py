@@ -184,6 +184,17 @@ def test_attention_scale_is_numerically_neutral_in_float32():
     assert relative_error(b, a) < 1e-5
 
 
+def train_steps(model, x, steps, learning_rate=1e-2):
+    """A few AdamW steps on batch `x`, over the parameters that train (all, or LoRA's adapters)."""
+    optimizer = paddle.optimizer.AdamW(learning_rate, parameters=[p for p in model.parameters() if not p.stop_gradient])
+    model.train()
+    for _ in range(steps):
+        loss = model(x["input_ids"], x["position_ids"], x["sep"], labels=x["labels"], loss_mask=x["loss_mask"])[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+
 def train_loss_and_grads(model, x, seed):
     model.train()
     paddle.seed(seed)
@@ -225,14 +236,7 @@ def test_lora_trains_only_adapter_weights_and_recomputes_every_layer(monkeypatch
     real_recompute = glm.modeling.recompute
     monkeypatch.setattr(glm.modeling, "recompute", lambda *a, **k: calls.append(1) or real_recompute(*a, **k))
     model.glm.transformer.enable_recompute = True  # frozen embeddings: PaddleNLP skips layer 0 here
-    x = glm_inputs(model.config.vocab_size)
-    optimizer = paddle.optimizer.AdamW(1e-2, parameters=[p for p in lora_model.parameters() if not p.stop_gradient])
-    lora_model.train()
-    for _ in range(2):
-        loss = lora_model(x["input_ids"], x["position_ids"], x["sep"], labels=x["labels"], loss_mask=x["loss_mask"])[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
+    train_steps(lora_model, glm_inputs(model.config.vocab_size), steps=2)
     assert len(calls) == 2 * model.config.num_layers
     changed = {n for n, p in lora_model.named_parameters() if not np.array_equal(p.numpy(), before[n])}
     # lora_A starts random and lora_B at zero, so after two steps both have moved; nothing else has.
