@@ -22,6 +22,7 @@ from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import PdArgumentParser, Trainer, TrainingArguments, get_last_checkpoint, set_seed
 from paddlenlp.trainer.trainer_utils import IntervalStrategy
 from paddlenlp.utils.log import logger
+from tqdm import tqdm
 
 from data import DataError, build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
@@ -130,7 +131,8 @@ class GLMTrainer(Trainer):
         rank, world = self.args.process_index, self.args.world_size
         mine = list(range(rank, len(sources), world))
         generator = GLMGenerator(self.model, self.builder.ids, default_banned_ids(self.model.config, self.tokenizer))
-        with _progress(len(mine), f"{prefix}: generating", disable=self.args.disable_tqdm or rank != 0) as bar:
+        quiet = self.args.disable_tqdm or rank != 0
+        with tqdm(total=len(mine), desc=f"{prefix}: generating", disable=quiet, unit="row") as bar:
             answers = generate_answers(
                 generator, self.builder, [sources[i] for i in mine], self.generation_config,
                 self.args.per_device_eval_batch_size, progress=bar.update,
@@ -147,12 +149,6 @@ class GLMTrainer(Trainer):
                 (dict(row, prediction=text) for row, text in zip(rows, ordered)),
             )
         return generation_metrics(ordered, references)
-
-
-def _progress(total, description, disable):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, disable=disable, unit="row")
 
 
 def parse_arguments(argv):
@@ -177,7 +173,7 @@ def parse_arguments(argv):
     return model_args, data_args, generation_args, training_args
 
 
-def resolve_amp(training_args, model_args):
+def resolve_amp(training_args):
     """Half precision only where Paddle has the kernels; on CPU one warning, not the Trainer's crash."""
     if (training_args.fp16 or training_args.bf16) and not paddle.device.is_compiled_with_cuda():
         logger.warning(
@@ -209,7 +205,7 @@ def load_split(data_args, split):
 
 
 def run(model_args, data_args, generation_args, training_args, callbacks=()):
-    dtype = resolve_amp(training_args, model_args)
+    dtype = resolve_amp(training_args)
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
     generation_config = generation_args.config(data_args.tgt_length, seed=training_args.seed)

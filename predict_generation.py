@@ -23,6 +23,7 @@ import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imp
 import paddle
 from paddlenlp.trainer import PdArgumentParser
 from paddlenlp.utils.log import logger
+from tqdm import tqdm
 
 from data import DataError, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
@@ -112,7 +113,6 @@ def predict_file(predictor: Predictor, args: PredictArguments):
     if done:
         logger.info(f"Resuming: {done} of {len(rows)} rows already in {partial}")
     output = open(partial, "a", encoding="utf-8") if partial else sys.stdout
-    from tqdm import tqdm
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
     chunk = predictor.batch_size * 8
