@@ -1,10 +1,7 @@
 """GLM configuration: the fields of a THUDM / PaddleNLP GLM `config.json`."""
 
 from paddlenlp.transformers import PretrainedConfig
-from paddlenlp.transformers.glm.configuration import (
-    GLM_PRETRAINED_INIT_CONFIGURATION,
-    GLM_PRETRAINED_RESOURCE_FILES_MAP,
-)
+from paddlenlp.transformers.glm.configuration import GLM_PRETRAINED_INIT_CONFIGURATION
 
 __all__ = ["GLMConfig", "BUILTIN_CHECKPOINTS"]
 

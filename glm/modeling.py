@@ -19,10 +19,14 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 from paddlenlp.transformers import PretrainedModel, register_base_model
-from paddlenlp.utils.initializer import normal_, ones_, zeros_
+from paddlenlp.transformers.glm.configuration import (
+    GLM_PRETRAINED_INIT_CONFIGURATION,
+    GLM_PRETRAINED_RESOURCE_FILES_MAP,
+)
 from paddlenlp.transformers.model_outputs import BaseModelOutputWithPast, CausalLMOutputWithCrossAttentions
+from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
-from .configuration import GLM_PRETRAINED_INIT_CONFIGURATION, GLM_PRETRAINED_RESOURCE_FILES_MAP, GLMConfig
+from .configuration import GLMConfig
 
 __all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "attention_bias"]
 
