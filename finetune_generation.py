@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
+from paddle.io import DistributedBatchSampler
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import PdArgumentParser, Trainer, TrainingArguments, get_last_checkpoint, set_seed
 from paddlenlp.trainer.trainer_utils import IntervalStrategy
@@ -93,6 +94,17 @@ def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) ->
     return ratio + (1.0 - ratio) * decay
 
 
+class EpochSeededBatchSampler(DistributedBatchSampler):
+    """One process's shuffled batches, the order a function of (seed, epoch) only."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, num_replicas=1, rank=0, **kwargs)
+        self.seed = seed
+
+    def set_epoch(self, epoch=0, consumed_samples=0):
+        super().set_epoch(self.seed + epoch)
+
+
 class GLMTrainer(Trainer):
     """The PaddleNLP Trainer, plus evaluation by generation and THUDM's decay-to-ratio schedule."""
 
@@ -114,6 +126,27 @@ class GLMTrainer(Trainer):
         elif self.lr_decay_ratio and schedule not in ("linear", "cosine"):
             logger.warning(f"lr_decay_ratio applies to linear and cosine schedules; {schedule} ignores it")
         return super().create_scheduler(num_training_steps)
+
+    def _get_train_sampler(self):
+        # PaddleNLP shuffles a single process's data from the global RNG, so a run resumed in a later
+        # epoch sees another order than the run it continues. A sampler shuffled by (seed + epoch),
+        # which the Trainer sets at every epoch (set_epoch), gives a resumed run the same order.
+        if self.args.world_size > 1 or self.train_dataset is None:
+            return super()._get_train_sampler()
+        return EpochSeededBatchSampler(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            shuffle=True,
+            drop_last=self.args.dataloader_drop_last,
+            seed=self.args.seed,
+        )
+
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics)
+        # PaddleNLP rotates checkpoints only when local_rank == 0, which a single process (-1) never is,
+        # so --save_total_limit would be ignored outside paddle.distributed.launch.
+        if self.args.local_rank == -1 and self.args.should_save:
+            self._rotate_checkpoints(use_mtime=True, output_dir=self.args.output_dir)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval", max_eval_iters=-1):

@@ -140,13 +140,19 @@ class StopAfterSave(TrainerCallback):
         raise KeyboardInterrupt
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints(micro_model, micro_data, tmp_path):
+    run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(micro_model, micro_data, tmp_path):
-    flags = ("--do_train", "--max_steps", "6", "--save_steps", "3")
+    # 48 rows in batches of 8: 6 steps an epoch, so the run is cut inside its second epoch
+    flags = ("--do_train", "--max_steps", "10", "--save_steps", "8")
     whole = run(micro_model, micro_data, tmp_path / "whole", *flags)
     with pytest.raises(KeyboardInterrupt):
         run(micro_model, micro_data, tmp_path / "cut", *flags, callbacks=[StopAfterSave()])
-    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "model_state.pdparams").exists()
-    resumed = run(micro_model, micro_data, tmp_path / "cut", *flags)  # picks up checkpoint-3 by itself
+    assert (tmp_path / "cut" / "checkpoint-8").is_dir() and not (tmp_path / "cut" / "model_state.pdparams").exists()
+    resumed = run(micro_model, micro_data, tmp_path / "cut", *flags)  # picks up checkpoint-8 by itself
     assert logged(resumed, "loss")[-1] == pytest.approx(logged(whole, "loss")[-1], rel=1e-5)
     whole_weights = whole.model.state_dict()
     for name, value in resumed.model.state_dict().items():
