@@ -249,7 +249,7 @@ def test_data_parallel_on_two_cpu_processes(micro_model, micro_data, tmp_path):
     "recipe", sorted(name for name in os.listdir(os.path.join(ROOT, "configs")) if name.endswith(".json"))
 )
 def test_shipped_recipes_parse(recipe):
-    model_args, data_args, generation_args, training_args = finetune_generation.parse_arguments(
+    model_args, data_args, generation_args, training_args = finetune_generation.parse_generation_arguments(
         [os.path.join(ROOT, "configs", recipe), "--output_dir", "unused"]
     )
     assert training_args.do_train and training_args.do_eval
