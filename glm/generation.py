@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import paddle
 
+from .modeling import DecodingCache
 from .tokenization import GLMSpecialIds
 
 __all__ = ["GenerationConfig", "GLMGenerator", "generate_answers", "default_banned_ids", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
@@ -103,11 +104,6 @@ class _BeamHypotheses:
         return self.worst() >= self.penalised(best_open_sum_logprobs, generated)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 class GLMGenerator:
     """Generates the answers of GLM blanks for a batch of tokenized sources.
 
@@ -167,8 +163,8 @@ class GLMGenerator:
 
     # -- the model interface ------------------------------------------------------------------------
 
-    def _extend(self, cache, memory_valid, input_ids, position_ids, new_valid, causal, with_logits):
-        """Feed [N, q] tokens on top of the memory; returns (cache, memory_valid, last-position logits)."""
+    def _extend(self, cache, memory_valid, input_ids, position_ids, new_valid, causal, with_logprobs):
+        """Feed [N, q] tokens on top of the memory; returns (cache, memory_valid, last-position log-probs)."""
         rows, q = input_ids.shape
         memory = memory_valid.shape[1]
         new_keys = np.broadcast_to(new_valid[:, None, :], (rows, q, q))
@@ -176,18 +172,19 @@ class GLMGenerator:
             new_keys = new_keys & np.tril(np.ones((q, q), dtype=bool))
         old_keys = np.broadcast_to(memory_valid[:, None, :], (rows, q, memory))
         mask = np.concatenate([old_keys, new_keys], axis=-1)[:, None]  # [N, 1, q, M + q]
-        hidden, cache = self.model.glm(
-            paddle.to_tensor(input_ids),
-            paddle.to_tensor(position_ids),
-            paddle.to_tensor(mask),
-            cache=cache or None,
-            use_cache=True,
-            return_dict=False,
-        )
-        logits = None
-        if with_logits:
-            logits = self.model.lm_logits(hidden[:, -1]).astype("float32").numpy()  # [N, vocab]
-        return cache, np.concatenate([memory_valid, new_valid], axis=1), logits
+        hidden, cache = self._forward(cache or None, input_ids, position_ids, mask)
+        logprobs = self._logprobs(hidden) if with_logprobs else None
+        return cache, np.concatenate([memory_valid, new_valid], axis=1), logprobs
+
+    def _forward(self, cache, input_ids, position_ids, mask):
+        return self.model.glm(paddle.to_tensor(input_ids), paddle.to_tensor(position_ids), paddle.to_tensor(mask),
+                              cache=cache, use_cache=True, return_dict=False)
+
+    def _logprobs(self, hidden):
+        """The last position's log-probabilities [N, vocab], float32 in NumPy: the one host transfer of a step.
+        Normalised in Paddle with logsumexp (Paddle's CPU log_softmax is ~100x slower)."""
+        logits = self.model.lm_logits(hidden[:, -1]).astype("float32")
+        return (logits - paddle.logsumexp(logits, axis=-1, keepdim=True)).numpy()
 
     def _encode_sources(self, sources):
         """One bidirectional pass over the left-padded sources."""
@@ -218,50 +215,53 @@ class GLMGenerator:
         cache, memory_valid, _ = self._extend(cache, memory_valid, input_ids, position_ids, valid, True, False)
         return cache, memory_valid
 
-    def _step(self, cache, memory_valid, tokens, mask_positions, block_position):
-        position_ids = np.stack([mask_positions, np.full_like(mask_positions, block_position)], axis=1)[:, :, None]
-        valid = np.ones((len(tokens), 1), dtype=bool)
-        return self._extend(cache, memory_valid, tokens[:, None], position_ids, valid, True, True)
+    def _start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
+        return _DecodingRows(self, cache, memory_valid, mask_positions, copies, capacity)
 
     # -- the search ---------------------------------------------------------------------------------
 
     def _decode_blank(self, cache, memory_valid, mask_positions, config, rng):
         batch = len(mask_positions)
-        sop = np.full(batch, self.ids.sop, dtype="int64")
-        cache, memory_valid, logits = self._step(cache, memory_valid, sop, mask_positions, 1)
+        # <|startofpiece|> joins the memory the beams / samples of a source share; it predicts token 1.
+        sop = np.full((batch, 1), self.ids.sop, dtype="int64")
+        position_ids = np.stack([mask_positions, np.ones_like(mask_positions)], axis=1)[:, :, None]
+        cache, memory_valid, logprobs = self._extend(
+            cache, memory_valid, sop, position_ids, np.ones((batch, 1), dtype=bool), True, True
+        )
         copies = config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
-        if copies > 1:  # every beam / sample starts from the same sop step
-            index = paddle.to_tensor(np.repeat(np.arange(batch), copies))
-            cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
-            memory_valid = np.repeat(memory_valid, copies, axis=0)
-            logits = np.repeat(logits, copies, axis=0)
-        mask_positions = np.repeat(mask_positions, copies)
+        rows = self._start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
         search = self._beam_search if config.decode_strategy == "beam_search" else self._sample
-        return search(cache, memory_valid, logits, mask_positions, batch, copies, config, rng)
+        return search(rows, np.repeat(logprobs, copies, axis=0), batch, copies, config, rng)
 
-    def _sample(self, cache, memory_valid, logits, mask_positions, batch, copies, config, rng):
-        rows = batch * copies
-        generated = [[] for _ in range(rows)]
-        finished = np.zeros(rows, dtype=bool)
+    def _sample(self, rows, logprobs, batch, copies, config, rng):
+        generated = np.full((batch * copies, config.tgt_length), self.ids.pad, dtype="int64")
+        lengths = np.zeros(batch * copies, dtype="int64")
+        finished = np.zeros(batch * copies, dtype=bool)
+        live = np.arange(batch)  # the sources still decoding, in the order of `rows`
         for step in range(config.tgt_length):
-            scores = self._processed_scores(logits, generated, config)
+            live_rows = (live[:, None] * copies + np.arange(copies)).reshape(-1)
+            scores = self._processed_scores(logprobs, generated[live_rows, :step], step, config)
             if config.decode_strategy == "greedy_search":
                 tokens = scores.argmax(axis=-1)
             else:
                 tokens = self._sample_tokens(scores, config, rng)
-            for row in np.flatnonzero(~finished):
-                if tokens[row] in self.stop_ids:
-                    finished[row] = True
-                else:
-                    generated[row].append(int(tokens[row]))
+            going = ~finished[live_rows]
+            finished[live_rows] |= np.isin(tokens, self.stop_ids)
+            writing = live_rows[going & ~finished[live_rows]]
+            generated[writing, step] = tokens[going & ~finished[live_rows]]
+            lengths[writing] += 1
             if finished.all() or step == config.tgt_length - 1:
                 break
-            tokens = np.where(finished, self.ids.pad, tokens).astype("int64")
-            cache, memory_valid, logits = self._step(cache, memory_valid, tokens, mask_positions, step + 2)
-        return [generated[b * copies : (b + 1) * copies] for b in range(batch)]
+            keep = ~finished[live_rows].reshape(-1, copies).all(axis=1)  # a source goes when all its copies end
+            tokens = np.where(finished[live_rows], self.ids.pad, tokens).astype("int64")
+            rows.select(np.arange(len(live_rows)), keep)
+            live = live[keep]
+            logprobs = rows.step(tokens.reshape(-1, copies)[keep].reshape(-1))
+        answers = [generated[row, : lengths[row]].tolist() for row in range(batch * copies)]
+        return [answers[b * copies : (b + 1) * copies] for b in range(batch)]
 
     def _sample_tokens(self, scores, config, rng):
-        scores = scores / config.temperature
+        scores = scores.astype("float64") / config.temperature
         if config.top_k > 0:
             kth = -np.partition(-scores, config.top_k - 1, axis=-1)[:, config.top_k - 1 : config.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
@@ -278,50 +278,52 @@ class GLMGenerator:
             probs /= probs.sum(axis=-1, keepdims=True)
         return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
-    def _beam_search(self, cache, memory_valid, logits, mask_positions, batch, num_beams, config, rng):
-        vocab = logits.shape[-1]
+    def _beam_search(self, rows, logprobs, batch, num_beams, config, rng):
+        vocab = logprobs.shape[-1]
         hypotheses = [_BeamHypotheses(num_beams, config) for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
-        beam_scores = np.zeros((batch, num_beams), dtype="float64")
+        beam_scores = np.zeros((batch, num_beams), dtype="float32")
         beam_scores[:, 1:] = -1e9  # all beams start equal: only beam 0 may propose at the first step
-        beam_scores = beam_scores.reshape(-1)
-        generated = [[] for _ in range(batch * num_beams)]
+        generated = np.full((batch * num_beams, config.tgt_length), self.ids.pad, dtype="int64")
+        live = np.arange(batch)  # the sources still searching, in the order of `rows`
+        beams = np.arange(num_beams)
         for step in range(config.tgt_length):
-            scores = self._processed_scores(logits, generated, config) + beam_scores[:, None]
-            flat = scores.reshape(batch, num_beams * vocab)
+            live_rows = (live[:, None] * num_beams + beams).reshape(-1)
+            scores = self._processed_scores(logprobs, generated[live_rows, :step], step, config)
+            flat = (scores + beam_scores[live].reshape(-1, 1)).reshape(len(live), num_beams * vocab)
             # THUDM takes 2 x beams candidates for its one end token; with two stop ids, 3 x beams
             # guarantees num_beams continuations even if every beam's best tokens are stops.
             candidates = self._beam_candidates(flat, (1 + len(self.stop_ids)) * num_beams, config, rng)
-            next_scores = np.zeros(batch * num_beams)
-            next_tokens = np.full(batch * num_beams, self.ids.pad, dtype="int64")
-            next_rows = np.arange(batch * num_beams)
-            for b in np.flatnonzero(~done):
+            next_scores = np.zeros((len(live), num_beams), dtype="float32")
+            next_tokens = np.full((len(live), num_beams), self.ids.pad, dtype="int64")
+            next_beams = np.tile(beams, (len(live), 1))  # which beam of its source each new beam continues
+            for i, b in enumerate(live):
                 chosen = 0
-                for rank, index in enumerate(candidates[b]):
-                    row, token, score = b * num_beams + index // vocab, index % vocab, flat[b, index]
+                for rank, index in enumerate(candidates[i]):
+                    beam, token, score = index // vocab, index % vocab, flat[i, index]
                     if token in self.stop_ids:
                         if rank < num_beams:  # an end ranked below the beam width is not a hypothesis
-                            hypotheses[b].add(list(generated[row]), float(score))
+                            hypotheses[b].add(generated[b * num_beams + beam, :step].tolist(), float(score))
                         continue
-                    slot = b * num_beams + chosen
-                    next_scores[slot], next_tokens[slot], next_rows[slot] = score, token, row
+                    next_scores[i, chosen], next_tokens[i, chosen], next_beams[i, chosen] = score, token, beam
                     chosen += 1
                     if chosen == num_beams:
                         break
-                done[b] = hypotheses[b].is_done(float(flat[b, candidates[b, 0]]), step)
-            generated = [generated[row] + [int(token)] for row, token in zip(next_rows, next_tokens)]
-            beam_scores = next_scores
+                done[b] = hypotheses[b].is_done(float(flat[i, candidates[i, 0]]), step)
+            generated[live_rows] = generated[(live[:, None] * num_beams + next_beams).reshape(-1)]
+            generated[live_rows, step] = next_tokens.reshape(-1)
+            beam_scores[live] = next_scores
             if done.all() or step == config.tgt_length - 1:
                 break
-            if not np.array_equal(next_rows, np.arange(batch * num_beams)):
-                index = paddle.to_tensor(next_rows)
-                cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
-            cache, memory_valid, logits = self._step(cache, memory_valid, next_tokens, mask_positions, step + 2)
+            keep = ~done[live]  # finished sources leave the batch
+            rows.select((np.arange(len(live))[:, None] * num_beams + next_beams).reshape(-1), keep)
+            live = live[keep]
+            logprobs = rows.step(next_tokens[keep].reshape(-1))
         results = []
         for b in range(batch):
             if not done[b]:  # out of length: the open beams compete with the finished ones
                 for row in range(b * num_beams, (b + 1) * num_beams):
-                    hypotheses[b].add(generated[row], float(beam_scores[row]))
+                    hypotheses[b].add(generated[row].tolist(), float(beam_scores.reshape(-1)[row]))
             results.append([tokens for _, tokens in hypotheses[b].kept[: config.num_return_sequences]])
         return results
 
@@ -330,26 +332,66 @@ class GLMGenerator:
         if config.select_topk:
             top = np.argpartition(-flat, count - 1, axis=-1)[:, :count]
         else:
-            probs = np.exp(flat - flat.max(axis=-1, keepdims=True))
+            probs = np.exp(flat.astype("float64") - flat.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)
             top = np.stack([rng.choice(flat.shape[-1], size=count, replace=False, p=row) for row in probs])
         order = np.argsort(-np.take_along_axis(flat, top, axis=-1), axis=-1, kind="stable")
         return np.take_along_axis(top, order, axis=-1)
 
-    def _processed_scores(self, logits, generated, config):
-        """Log-probabilities with THUDM's processors: min length, no-repeat-ngram; plus banned ids."""
-        scores = _log_softmax(logits.astype("float64"))
+    def _processed_scores(self, logprobs, generated, step, config):
+        """THUDM's processors on the log-probabilities (in place), vectorised over rows: min length,
+        no-repeat-ngram; plus banned ids. `generated` [rows, step] holds every open row's tokens so far."""
+        scores = logprobs
         if self.banned_ids.size:
             scores[:, self.banned_ids] = -np.inf
+        if step < config.min_tgt_length:
+            scores[:, self.stop_ids] = -np.inf
         n = config.no_repeat_ngram_size
-        for row, tokens in enumerate(generated):
-            if len(tokens) < config.min_tgt_length:
-                scores[row, self.stop_ids] = -np.inf
-            if n > 0 and len(tokens) >= n:
-                prefix = tuple(tokens[len(tokens) - n + 1 :])
-                banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
-                scores[row, banned] = -np.inf
+        if n > 0 and step >= n:
+            windows = np.lib.stride_tricks.sliding_window_view(generated, n, axis=1)  # [rows, step - n + 1, n]
+            # an n-gram whose first n - 1 tokens equal the last n - 1 generated bans its last token
+            repeats = (windows[:, :, : n - 1] == generated[:, None, step - n + 1 :]).all(axis=-1)
+            row, start = np.nonzero(repeats)
+            scores[row, windows[row, start, n - 1]] = -np.inf
         return scores
+
+
+class _DecodingRows:
+    """The rows decoding one blank: `copies` rows (beams or samples) for each live source, over one
+    DecodingCache per layer. The search only steps them, reorders them and drops finished sources."""
+
+    def __init__(self, generator, cache, memory_valid, mask_positions, copies, capacity):
+        self.generator, self.copies = generator, copies
+        self.cache = [DecodingCache(layer, copies, capacity) for layer in cache]
+        self.memory_valid = memory_valid  # [live sources, M]: padding is never attended
+        self.mask_positions = mask_positions
+        self.generated = 0  # tokens fed since <|startofpiece|>
+
+    def step(self, tokens):
+        """Feeds one token per row; returns the next log-probabilities [rows, vocab]."""
+        self.generated += 1
+        rows = len(tokens)
+        memory_valid = np.repeat(self.memory_valid, self.copies, axis=0)
+        mask = np.concatenate([memory_valid, np.ones((rows, self.generated), dtype=bool)], axis=1)[:, None, None]
+        positions = np.repeat(self.mask_positions, self.copies)
+        position_ids = np.stack([positions, np.full_like(positions, self.generated + 1)], axis=1)[:, :, None]
+        hidden, _ = self.generator._forward(self.cache, tokens[:, None], position_ids, mask)
+        return self.generator._logprobs(hidden)
+
+    def select(self, rows, keep_sources):
+        """Row i continues row rows[i] (of its own source); sources where keep_sources is False leave."""
+        if keep_sources.all():
+            if not np.array_equal(rows, np.arange(len(rows))):
+                index = paddle.to_tensor(rows)
+                for layer in self.cache:
+                    layer.reorder(index)
+            return
+        rows = rows.reshape(-1, self.copies)[keep_sources].reshape(-1)
+        sources, rows = paddle.to_tensor(np.flatnonzero(keep_sources)), paddle.to_tensor(rows)
+        for layer in self.cache:
+            layer.keep_sources(sources, rows)
+        self.memory_valid = self.memory_valid[keep_sources]
+        self.mask_positions = self.mask_positions[keep_sources]
 
 
 def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,

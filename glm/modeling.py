@@ -28,13 +28,50 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "attention_bias"]
+__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "attention_bias", "DecodingCache"]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
 MASKED_SCORE = -1e9
 
 LayerCache = Tuple[paddle.Tensor, paddle.Tensor]  # (keys, values), each [B, heads, M, head_dim]
+
+
+class DecodingCache:
+    """One layer's keys and values while decoding `beams` rows per source, one new token per row a step
+    (glm/generation.py drives it; GLMAttention._decoding_attention reads and writes it).
+
+    The memory (source, earlier answers, <|startofpiece|>) is identical for a source's beams, so it is
+    kept once per source, [B, heads, M, head_dim], and a source's beams query it together as one small
+    matrix. Each row's generated positions go into buffers [B * beams, heads, capacity, head_dim], written
+    in place: a step copies only its own key and value, and a beam reorder moves generated positions only.
+    """
+
+    def __init__(self, memory: LayerCache, beams: int, capacity: int):
+        keys, values = memory
+        self.keys, self.values, self.beams, self.length = keys, values, beams, 0
+        shape = [keys.shape[0] * beams, keys.shape[1], capacity, keys.shape[3]]
+        self.own_keys = paddle.zeros(shape, dtype=keys.dtype)
+        self.own_values = paddle.zeros(shape, dtype=values.dtype)
+
+    @property
+    def memory_length(self) -> int:  # keys a query sees before its own: memory + generated so far
+        return self.keys.shape[2] + self.length
+
+    def write(self, key, value):
+        self.own_keys[:, :, self.length] = key[:, :, 0]
+        self.own_values[:, :, self.length] = value[:, :, 0]
+        self.length += 1
+
+    def reorder(self, rows: paddle.Tensor):
+        """Row i continues row rows[i] (of the same source): its generated keys and values move."""
+        self.own_keys = paddle.index_select(self.own_keys, rows)
+        self.own_values = paddle.index_select(self.own_values, rows)
+
+    def keep_sources(self, sources: paddle.Tensor, rows: paddle.Tensor):
+        """Drops finished sources: keeps memory `sources` and their generated `rows`."""
+        self.keys, self.values = paddle.index_select(self.keys, sources), paddle.index_select(self.values, sources)
+        self.reorder(rows)
 
 
 def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
@@ -88,6 +125,10 @@ class GLMAttention(nn.Layer):
             part.reshape([batch_size, query_length, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
             for part in paddle.split(self.query_key_value(hidden_states), 3, axis=-1)
         ]  # each [B, heads, q, head_dim]
+        if isinstance(cache, DecodingCache):
+            context = self._decoding_attention(query, key, value, bias, cache)
+            context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
+            return self.output_dropout(self.dense(context)), cache
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
             value = paddle.concat([cache[1], value], axis=2)
@@ -111,6 +152,27 @@ class GLMAttention(nn.Layer):
         probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)
         probs = self.attention_dropout(probs)
         return paddle.matmul(probs, value)  # [B, heads, q, head_dim]
+
+    def _decoding_attention(self, query, key, value, bias, cache: DecodingCache):
+        """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over
+        memory + generated keys. query/key/value [R, heads, 1, head_dim], R = sources x beams; bias [R, 1, 1, keys]."""
+        cache.write(key, value)
+        rows, beams, memory = query.shape[0], cache.beams, cache.keys.shape[2]
+        query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
+        # A source's beams are the query rows of one matrix against its memory: [B, heads, beams, head_dim].
+        grouped = query.reshape([rows // beams, beams, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+        memory_scores = paddle.matmul(grouped, cache.keys, transpose_y=True)  # [B, heads, beams, M]
+        memory_scores = memory_scores.transpose([0, 2, 1, 3]).reshape([rows, self.num_heads, 1, memory])
+        own_keys, own_values = cache.own_keys[:, :, : cache.length], cache.own_values[:, :, : cache.length]
+        own_scores = paddle.matmul(query, own_keys, transpose_y=True)  # [R, heads, 1, generated]
+        scores = paddle.concat([memory_scores, own_scores], axis=-1).astype("float32")
+        if self.attention_scale != 1.0:
+            scores = scores * self.attention_scale
+        probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)  # decoding runs in eval mode: no dropout
+        memory_probs = probs[:, :, :, :memory].reshape([rows // beams, beams, self.num_heads, memory])
+        memory_context = paddle.matmul(memory_probs.transpose([0, 2, 1, 3]), cache.values)  # [B, heads, beams, d]
+        memory_context = memory_context.transpose([0, 2, 1, 3]).reshape([rows, self.num_heads, 1, self.head_dim])
+        return memory_context + paddle.matmul(probs[:, :, :, memory:], own_values)  # [R, heads, 1, head_dim]
 
     def _fused_attention(self, query, key, value, bias):
         # scaled_dot_product_attention takes [B, seq, heads, head_dim] and a mask in the compute dtype.
@@ -233,6 +295,10 @@ def _check_runs_here(tensor):
         )
 
 
+def _memory_length(layer_cache) -> int:
+    return layer_cache.memory_length if isinstance(layer_cache, DecodingCache) else layer_cache[0].shape[2]
+
+
 @register_base_model
 class GLMModel(GLMPretrainedModel):
     """GLM without the LM head: returns the final hidden states [B, L, hidden] and, with use_cache, the
@@ -259,7 +325,7 @@ class GLMModel(GLMPretrainedModel):
         return_dict: Optional[bool] = None,
     ):
         batch_size, query_length = input_ids.shape
-        memory_length = cache[0][0].shape[2] if cache else 0
+        memory_length = _memory_length(cache[0]) if cache else 0
         if position_ids is None:
             positions = paddle.arange(memory_length, memory_length + query_length, dtype="int64")
             if self.config.block_position_encoding:

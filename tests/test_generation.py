@@ -8,11 +8,16 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.generation import GenerationConfig, GLMGenerator, _log_softmax
+from glm.generation import GenerationConfig, GLMGenerator
 from glm.tokenization import GLMSpecialIds
 
 IDS = GLMSpecialIds(cls=90, eos=91, sop=95, eop=89, mask=92, smask=93, gmask=94)
 VOCAB = 96
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def model_with_seed(seed, **overrides):
@@ -210,3 +215,71 @@ def test_bad_settings_are_clear_errors():
         generator.generate([[IDS.cls, 5, IDS.eos]], GenerationConfig())
     with pytest.raises(ValueError, match="max_sequence_length is 64"):
         generator.generate([source(5)], GenerationConfig(tgt_length=65))
+
+
+class ConcatCacheRows:
+    """The cache layout before DecodingCache, kept as the reference: every row carries its own copy of the
+    memory, the step's keys are concatenated onto it, and a beam reorder copies it all."""
+
+    def __init__(self, generator, cache, memory_valid, mask_positions, copies, capacity):
+        index = paddle.to_tensor(np.repeat(np.arange(len(mask_positions)), copies))
+        self.cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
+        self.memory_valid = np.repeat(memory_valid, copies, axis=0)
+        self.mask_positions = np.repeat(mask_positions, copies)
+        self.generator, self.copies, self.generated = generator, copies, 0
+
+    def step(self, tokens):
+        self.generated += 1
+        position_ids = np.stack([self.mask_positions, np.full_like(self.mask_positions, self.generated + 1)], axis=1)
+        valid = np.ones((len(tokens), 1), dtype=bool)
+        self.cache, self.memory_valid, logprobs = self.generator._extend(
+            self.cache, self.memory_valid, tokens[:, None], position_ids[:, :, None], valid, True, True
+        )
+        return logprobs
+
+    def select(self, rows, keep_sources):
+        rows = rows.reshape(-1, self.copies)[keep_sources].reshape(-1)
+        index = paddle.to_tensor(rows)
+        self.cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in self.cache]
+        self.memory_valid, self.mask_positions = self.memory_valid[rows], self.mask_positions[rows]
+
+
+class ConcatCacheGenerator(GLMGenerator):
+    def _start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
+        return ConcatCacheRows(self, cache, memory_valid, mask_positions, copies, capacity)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GenerationConfig(num_beams=4, tgt_length=10, length_penalty=0.7, no_repeat_ngram_size=2, min_tgt_length=1,
+                         num_return_sequences=4),
+        GenerationConfig(decode_strategy="sampling", tgt_length=10, top_k=5, seed=3, num_return_sequences=3),
+    ],
+    ids=["beam_search", "sampling"],
+)
+def test_shared_memory_cache_gives_the_same_answers_as_per_row_copies(config, monkeypatch):
+    # A large init makes answers depend on the source, and a pull towards the end makes sources finish at
+    # different steps and leave the batch mid-blank.
+    model = biased(model_with_seed(7, initializer_range=0.3), {IDS.eop: 2.0})
+    sources = [
+        [IDS.cls, 5, IDS.mask, 6, 7, IDS.smask, 8, 9, 10, IDS.gmask, IDS.eos],  # three blanks, longest
+        [IDS.cls, 11, 12, IDS.mask, 13, IDS.eos],  # one blank
+        [IDS.cls, 14, IDS.smask, 15, 16, 17, IDS.mask, IDS.eos],  # two blanks
+    ]
+    dropped = []
+    original_select = GLMGenerator._start_rows
+
+    def recording_rows(self, *args):
+        rows = original_select(self, *args)
+        select = rows.select
+        rows.select = lambda order, keep: (dropped.append(int((~keep).sum())), select(order, keep))
+        return rows
+
+    monkeypatch.setattr(GLMGenerator, "_start_rows", recording_rows)
+    new = GLMGenerator(model, IDS).generate(sources, config)
+    old = ConcatCacheGenerator(model, IDS).generate(sources, config)
+    assert [len(blanks) for blanks in new] == [3, 1, 2]
+    assert new == old
+    assert sum(dropped) > 0  # finished sources did leave the batch
+    assert len({len(answer) for blanks in new for answers in blanks for answer in answers}) > 2
