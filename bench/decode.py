@@ -13,15 +13,19 @@ max_new_tokens. PaddleNLP is fed as its tokenizer's `build_inputs_for_generation
 
 tokens/s = prompts x new tokens / seconds of one generate call. Beam search returns the best sequence
 of each prompt, so its tokens/s counts those returned tokens (prompts x new tokens) although it decodes
-beams x as many rows. Not a test: figures only.
+beams x as many rows. Then the cost of one decoding step of ours, greedy and beam, split by kind of work
+(weight matmuls, attention, cache writes, reorder, NumPy search, host transfers): see StepSplit.
+Not a test: figures only.
 """
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
 import sys
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -34,7 +38,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM  
 from paddlenlp.transformers.glm.tokenizer import GLMTokenizerMixin  # noqa: E402
 
 from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
-from glm.modeling import MASKED_SCORE  # noqa: E402
+from glm.modeling import MASKED_SCORE, DecodingCache, GLMAttention  # noqa: E402
 from glm.tokenization import GLMSpecialIds  # noqa: E402
 
 # `eos` is the first of GLM's ten special ids (50000 in the real vocabulary; 566 in our tiny default's).
@@ -57,6 +61,101 @@ def make_sources(ids, count, shortest, longest, seed=0):
     rng = np.random.default_rng(seed)
     lengths = np.linspace(shortest, longest, count).astype(int)
     return [[ids.cls] + rng.integers(0, ids.eos, n - 3).tolist() + [ids.gmask, ids.eos] for n in lengths]
+
+
+SPLIT = ("weight matmuls", "attention", "cache writes/copies", "reorder/drop rows", "search (NumPy)",
+         "host transfers", "other ops")
+
+
+class StepSplit:
+    """Wall time of a generate call split by kind of work: the functions doing each kind are wrapped with
+    timers that count exclusive time (a wrapped call inside another is charged to its own kind). CPU kernels
+    run synchronously, so a call's wall time is its work. Unwrapped time is "other ops" (LayerNorm, GELU,
+    embeddings, dropout, masks, Paddle's Python dispatch)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(SPLIT, 0.0)
+        self.stack = []  # [kind, seconds spent in wrapped children]
+
+    def timed(self, kind, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            # paddle.concat is a cache copy only when GLMAttention.forward concatenates the memory itself
+            charged = kind(self.stack) if callable(kind) else kind
+            self.stack.append([charged, 0.0])
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                _, children = self.stack.pop()
+                if charged is not None:
+                    self.seconds[charged] += elapsed - children
+                    if self.stack:
+                        self.stack[-1][1] += elapsed
+                elif self.stack:  # a neutral frame: its own time stays with the caller
+                    self.stack[-1][1] += children
+
+        return wrapper
+
+    @contextmanager
+    def watching(self, model, generator):
+        patches = [(layer, "forward", "weight matmuls") for layer in model.sublayers()
+                   if isinstance(layer, paddle.nn.Linear)]
+        patches += [(model, "lm_logits", "weight matmuls")]
+        for layer in model.sublayers():
+            if isinstance(layer, GLMAttention):
+                patches += [(layer, "_attention", "attention"), (layer, "forward", None)]
+                if hasattr(layer, "_decoding_attention"):
+                    patches.append((layer, "_decoding_attention", "attention"))
+        patches += [(DecodingCache, "write", "cache writes/copies")] if hasattr(DecodingCache, "write") else []
+        in_attention_forward = lambda stack: "cache writes/copies" if stack and stack[-1][0] is None else None  # noqa: E731
+        patches += [(paddle, "concat", in_attention_forward), (paddle, "index_select", "reorder/drop rows"),
+                    (paddle, "to_tensor", "host transfers"), (paddle.Tensor, "numpy", "host transfers")]
+        patches += [(generator, name, "search (NumPy)") for name in
+                    ("_beam_search", "_sample", "_processed_scores", "_beam_candidates", "_sample_tokens", "_logprobs")
+                    if hasattr(generator, name)]
+        saved = [(owner, name, vars(owner).get(name, _MISSING)) for owner, name, _ in patches]
+        for owner, name, kind in patches:
+            setattr(owner, name, self.timed(kind, getattr(owner, name)))
+        try:
+            yield self
+        finally:
+            for owner, name, original in reversed(saved):
+                if original is _MISSING:  # an instance attribute shadowed the class's method
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
+
+
+_MISSING = object()
+
+
+def step_split(generator, model, sources, strategy, beams, new_tokens):
+    """Seconds per decoding step by kind of work: the split of a call making `new_tokens` tokens minus that of
+    a call making 1 (prompt encoding, <|startofpiece|> step, set-up), over new_tokens - 1 steps."""
+    splits = []
+    for tokens in (new_tokens, 1):
+        config = GenerationConfig(decode_strategy=strategy, num_beams=beams, tgt_length=tokens)
+        split = StepSplit()
+        with split.watching(model, generator):
+            start = time.perf_counter()
+            generator.generate(sources, config)
+            total = time.perf_counter() - start
+        split.seconds["other ops"] = total - sum(split.seconds.values())
+        splits.append(split.seconds)
+    return {kind: (splits[0][kind] - splits[1][kind]) / (new_tokens - 1) for kind in SPLIT}
+
+
+def print_step_splits(splits, rows):
+    """splits: {label: step_split(...)}; rows: {label: rows decoded per step}."""
+    labels = list(splits)
+    print("  per decoding step, ms (exclusive wall time by kind of work; "
+          + ", ".join(f"{label}: {rows[label]} rows" for label in labels) + ")", flush=True)
+    print("    " + f"{'':22s}" + "".join(f"{label:>14s}" for label in labels), flush=True)
+    for kind in SPLIT + ("step",):
+        values = [sum(splits[label].values()) if kind == "step" else splits[label][kind] for label in labels]
+        print("    " + f"{kind:22s}" + "".join(f"{1000 * value:14.1f}" for value in values), flush=True)
 
 
 def paddlenlp_inputs(sources, ids, new_tokens):
@@ -184,8 +283,14 @@ def bench(name, args):
     for label, tokens_per_second in speed.items():
         print(f"  {label:17s} {tokens_per_second:8.1f} tok/s   {tokens_per_second / base:5.2f}x PaddleNLP greedy",
               flush=True)
+    print(f"  ours beam {BEAMS} / ours greedy tokens/s: {speed[f'ours beam {BEAMS}'] / speed['ours greedy']:.2f}x",
+          flush=True)
     print(f"  greedy tokens, ours vs PaddleNLP: {agreement(outputs['ours greedy'], outputs['PaddleNLP greedy'])}",
           flush=True)
+    generator = GLMGenerator(ours, ids, banned_ids=[ids.eop, ids.eos])
+    splits = {label: step_split(generator, ours, sources, strategy, beams, new_tokens)
+              for label, strategy, beams in (("greedy", "greedy_search", 1), (f"beam {BEAMS}", "beam_search", BEAMS))}
+    print_step_splits(splits, {"greedy": len(sources), f"beam {BEAMS}": len(sources) * BEAMS})
     if args.profile:
         for label in ("ours greedy", f"ours beam {BEAMS}"):
             print(f"  cProfile of one {label} run, by own time:", flush=True)

@@ -6,11 +6,17 @@ weights, config and batch, in the same process, and print tokens/s and the ratio
 
 The batch is a GLM generation example: a bidirectional source then a causal target carrying the loss
 (source 3/4 of the sequence, like src_length 608 / tgt_length 160). PaddleNLP gets the 4-D 0/1 mask
-(its 1-D `sep` path never runs); ours gets the 1-D sep it is fed in training. Not a test: figures only.
+(its 1-D `sep` path never runs); ours gets the 1-D sep it is fed in training.
+
+Then the peak memory (RSS) of our training steps on the large slice with and without recompute (what
+the Trainer's --recompute switches on), each measured in a fresh process so neither inherits the other's
+peak. Not a test: figures only.
 """
 
 import argparse
 import os
+import resource
+import subprocess
 import sys
 import time
 
@@ -98,16 +104,52 @@ def bench(name, shape, steps, num_layers=None):
     )
 
 
+def peak_rss_child(name, layers, recompute, steps=3):
+    """In a child process: a few training steps of our model alone; prints the process's peak RSS."""
+    shape = dict(SHAPES[name])
+    seq, batch = shape.pop("seq"), shape.pop("batch")
+    if layers:
+        shape["num_layers"] = layers
+    paddle.seed(0)
+    model = glm.GLMForConditionalGeneration(glm.GLMConfig(**shape, max_sequence_length=1024))
+    model.glm.transformer.enable_recompute = recompute  # what the Trainer's --recompute sets
+    model.train()
+    inputs, sep, _ = make_batch(batch, seq, shape["vocab_size"])
+    step = step_timer(model, dict(inputs, attention_mask=sep))
+    for _ in range(steps):
+        step()
+    print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+
+
+def peak_rss(name, layers, recompute):
+    command = [sys.executable, os.path.abspath(__file__), "--rss-child", name] + (["--layers", str(layers)] if layers else [])
+    output = subprocess.run(command + (["--recompute"] if recompute else []), capture_output=True, text=True, check=True)
+    return float(output.stdout.split("peak_rss_mib")[-1])
+
+
+def print_peak_rss(name, layers):
+    without, with_recompute = peak_rss(name, layers, False), peak_rss(name, layers, True)
+    shape = SHAPES[name]
+    print(f"{name:6s} layers={layers or shape['num_layers']} batch={shape['batch']} seq={shape['seq']}: peak RSS of "
+          f"3 training steps, separate processes: without recompute {without:.0f} MiB, with recompute "
+          f"{with_recompute:.0f} MiB ({with_recompute - without:+.0f} MiB)", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SHAPES), help="run one shape only")
     parser.add_argument("--layers", type=int, help="layers of the large slice (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default 5)")
+    parser.add_argument("--rss-child", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        return peak_rss_child(args.rss_child, args.layers, args.recompute)
     print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     for name in [args.only] if args.only else ["tiny", "large"]:
         bench(name, SHAPES[name], args.steps, args.layers if name == "large" else None)
+    print_peak_rss("large", args.layers)
 
 
 if __name__ == "__main__":
