@@ -157,22 +157,19 @@ class GLMAttention(nn.Layer):
         """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over
         memory + generated keys. query/key/value [R, heads, 1, head_dim], R = sources x beams; bias [R, 1, 1, keys]."""
         cache.write(key, value)
-        rows, beams, memory = query.shape[0], cache.beams, cache.keys.shape[2]
+        beams, memory = cache.beams, cache.keys.shape[2]
         query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
         # A source's beams are the query rows of one matrix against its memory: [B, heads, beams, head_dim].
-        grouped = query.reshape([rows // beams, beams, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
-        memory_scores = paddle.matmul(grouped, cache.keys, transpose_y=True)  # [B, heads, beams, M]
-        memory_scores = memory_scores.transpose([0, 2, 1, 3]).reshape([rows, self.num_heads, 1, memory])
+        memory_scores = paddle.matmul(_by_source(query, beams), cache.keys, transpose_y=True)  # [B, heads, beams, M]
+        memory_scores = _by_row(memory_scores)
         own_keys, own_values = cache.own_keys[:, :, : cache.length], cache.own_values[:, :, : cache.length]
         own_scores = paddle.matmul(query, own_keys, transpose_y=True)  # [R, heads, 1, generated]
         scores = paddle.concat([memory_scores, own_scores], axis=-1).astype("float32")
         if self.attention_scale != 1.0:
             scores = scores * self.attention_scale
         probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)  # decoding runs in eval mode: no dropout
-        memory_probs = probs[:, :, :, :memory].reshape([rows // beams, beams, self.num_heads, memory])
-        memory_context = paddle.matmul(memory_probs.transpose([0, 2, 1, 3]), cache.values)  # [B, heads, beams, d]
-        memory_context = memory_context.transpose([0, 2, 1, 3]).reshape([rows, self.num_heads, 1, self.head_dim])
-        return memory_context + paddle.matmul(probs[:, :, :, memory:], own_values)  # [R, heads, 1, head_dim]
+        memory_context = paddle.matmul(_by_source(probs[:, :, :, :memory], beams), cache.values)  # [B, heads, beams, d]
+        return _by_row(memory_context) + paddle.matmul(probs[:, :, :, memory:], own_values)  # [R, heads, 1, d]
 
     def _fused_attention(self, query, key, value, bias):
         # scaled_dot_product_attention takes [B, seq, heads, head_dim] and a mask in the compute dtype.
@@ -188,6 +185,23 @@ class GLMAttention(nn.Layer):
             training=self.training,
         )
         return context.transpose([0, 2, 1, 3])
+
+
+def _by_source(tensor, beams):
+    """[B * beams, heads, 1, n] -> [B, heads, beams, n]: a source's rows as one matrix. With one row per
+    source the tensor already is that: no regrouping ops (each op costs a dispatch on a small step)."""
+    if beams == 1:
+        return tensor
+    rows, heads, _, n = tensor.shape
+    return tensor.reshape([rows // beams, beams, heads, n]).transpose([0, 2, 1, 3])
+
+
+def _by_row(tensor):
+    """[B, heads, beams, n] -> [B * beams, heads, 1, n]: the inverse of _by_source."""
+    sources, heads, beams, n = tensor.shape
+    if beams == 1:
+        return tensor
+    return tensor.transpose([0, 2, 1, 3]).reshape([sources * beams, heads, 1, n])
 
 
 def _fused_mask_value(dtype):
