@@ -147,6 +147,25 @@ def step_split(generator, model, sources, strategy, beams, new_tokens):
     return {kind: (splits[0][kind] - splits[1][kind]) / (new_tokens - 1) for kind in SPLIT}
 
 
+def weight_matmul_seconds(model, row_counts, repeats=5):
+    """Median seconds of one step's weight matmuls alone (every Linear, then the LM head) at each row count,
+    the counts interleaved: the floor under a step, and how it grows with rows on this CPU."""
+    linears = [layer for layer in model.sublayers() if isinstance(layer, paddle.nn.Linear)]
+    hidden = model.glm.word_embeddings.weight.shape[1]
+    inputs = {rows: ([paddle.randn([rows, 1, layer.weight.shape[0]]) for layer in linears], paddle.randn([rows, hidden]))
+              for rows in row_counts}
+    seconds = {rows: [] for rows in row_counts}
+    with paddle.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for rows, (linear_inputs, head_input) in inputs.items():
+                start = time.perf_counter()
+                for layer, x in zip(linears, linear_inputs):
+                    layer(x)
+                model.lm_logits(head_input)
+                seconds[rows].append(time.perf_counter() - start)
+    return {rows: float(np.median(times[1:])) for rows, times in seconds.items()}
+
+
 def print_step_splits(splits, rows):
     """splits: {label: step_split(...)}; rows: {label: rows decoded per step}."""
     labels = list(splits)
@@ -291,6 +310,10 @@ def bench(name, args):
     splits = {label: step_split(generator, ours, sources, strategy, beams, new_tokens)
               for label, strategy, beams in (("greedy", "greedy_search", 1), (f"beam {BEAMS}", "beam_search", BEAMS))}
     print_step_splits(splits, {"greedy": len(sources), f"beam {BEAMS}": len(sources) * BEAMS})
+    floor = weight_matmul_seconds(ours, (len(sources), len(sources) * BEAMS))
+    small, large = floor[len(sources)], floor[len(sources) * BEAMS]
+    print(f"  weight matmuls of one step alone: {len(sources)} rows {1000 * small:.1f} ms, {len(sources) * BEAMS} rows "
+          f"{1000 * large:.1f} ms ({large / small:.2f}x): a beam step cannot cost less than that", flush=True)
     if args.profile:
         for label in ("ours greedy", f"ours beam {BEAMS}"):
             print(f"  cProfile of one {label} run, by own time:", flush=True)

@@ -104,10 +104,10 @@ def bench(name, shape, steps, num_layers=None):
     )
 
 
-def peak_rss_child(name, layers, recompute, steps=3):
+def peak_rss_child(name, layers, batch, recompute, steps=3):
     """In a child process: a few training steps of our model alone; prints the process's peak RSS."""
     shape = dict(SHAPES[name])
-    seq, batch = shape.pop("seq"), shape.pop("batch")
+    seq, _ = shape.pop("seq"), shape.pop("batch")
     if layers:
         shape["num_layers"] = layers
     paddle.seed(0)
@@ -121,16 +121,17 @@ def peak_rss_child(name, layers, recompute, steps=3):
     print(f"peak_rss_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
 
 
-def peak_rss(name, layers, recompute):
-    command = [sys.executable, os.path.abspath(__file__), "--rss-child", name] + (["--layers", str(layers)] if layers else [])
+def peak_rss(name, layers, batch, recompute):
+    command = [sys.executable, os.path.abspath(__file__), "--rss-child", name, "--rss-batch", str(batch)]
+    command += ["--layers", str(layers)] if layers else []
     output = subprocess.run(command + (["--recompute"] if recompute else []), capture_output=True, text=True, check=True)
     return float(output.stdout.split("peak_rss_mib")[-1])
 
 
-def print_peak_rss(name, layers):
-    without, with_recompute = peak_rss(name, layers, False), peak_rss(name, layers, True)
+def print_peak_rss(name, layers, batch):
+    without, with_recompute = peak_rss(name, layers, batch, False), peak_rss(name, layers, batch, True)
     shape = SHAPES[name]
-    print(f"{name:6s} layers={layers or shape['num_layers']} batch={shape['batch']} seq={shape['seq']}: peak RSS of "
+    print(f"{name:6s} layers={layers or shape['num_layers']} batch={batch} seq={shape['seq']}: peak RSS of "
           f"3 training steps, separate processes: without recompute {without:.0f} MiB, with recompute "
           f"{with_recompute:.0f} MiB ({with_recompute - without:+.0f} MiB)", flush=True)
 
@@ -140,16 +141,19 @@ def main():
     parser.add_argument("--only", choices=sorted(SHAPES), help="run one shape only")
     parser.add_argument("--layers", type=int, help="layers of the large slice (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default 5)")
+    parser.add_argument("--rss-batch", type=int, default=8,
+                        help="batch of the peak-RSS runs (default 8: activations, what recompute saves, then "
+                             "outweigh weights and AdamW state)")
     parser.add_argument("--rss-child", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
-        return peak_rss_child(args.rss_child, args.layers, args.recompute)
+        return peak_rss_child(args.rss_child, args.layers, args.rss_batch, args.recompute)
     print(f"paddle {paddle.__version__}, device {paddle.device.get_device()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     for name in [args.only] if args.only else ["tiny", "large"]:
         bench(name, SHAPES[name], args.steps, args.layers if name == "large" else None)
-    print_peak_rss("large", args.layers)
+    print_peak_rss("large", args.layers, args.rss_batch)
 
 
 if __name__ == "__main__":
