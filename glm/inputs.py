@@ -242,6 +242,6 @@ def collate_multiple_choice(features: Sequence[Dict[str, object]], pad_id: int) 
         "choice_ids": np.array([padded_choices(f["choice_ids"], 0) for f in features], dtype="int64"),
         "choice_indices": np.array([padded_choices(f["choice_indices"], -1) for f in features], dtype="int64"),
     }
-    if "labels" in features[0]:
+    if all("labels" in f for f in features):
         batch["labels"] = np.array([f["labels"] for f in features], dtype="int64")
     return batch
