@@ -8,15 +8,13 @@ Rows are in THUDM's zero-shot format (JSON Lines):
 line `FILE:LINE: what is wrong` (a DataError), or with `skip_bad_rows` is dropped and counted.
 """
 
-import json
 import math
-import os
 from typing import Callable, List, Optional
 
 import paddle
 from paddlenlp.utils.log import logger
 
-from data import DataError
+from data import DataError, read_json_lines
 from glm.inputs import MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
 
 __all__ = ["read_choice_rows", "build_choice_examples", "score_examples", "choice_metrics", "prediction_rows"]
@@ -24,55 +22,23 @@ __all__ = ["read_choice_rows", "build_choice_examples", "score_examples", "choic
 CONTEXT, CHOICES, LABEL = "inputs_pretokenized", "choices_pretokenized", "label"
 
 
-def _check_row(row, where: str, need_label: bool):
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    context = row.get(CONTEXT)
-    if not isinstance(context, str) or not context.strip():
-        raise DataError(f"{where}: {CONTEXT!r} must be a non-empty string")
-    choices = row.get(CHOICES)
-    if not isinstance(choices, list) or len(choices) < 2:
-        raise DataError(f"{where}: {CHOICES!r} must be a list of at least two strings")
-    for number, choice in enumerate(choices):
-        if not isinstance(choice, str) or not choice.strip():
-            raise DataError(f"{where}: choice {number} must be a non-empty string")
-    if LABEL in row or need_label:
-        label = row.get(LABEL)
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-            raise DataError(f"{where}: {LABEL!r} must be a choice index 0..{len(choices) - 1}, got {label!r}")
-
-
 def read_choice_rows(path: str, need_label: bool = True, skip_bad_rows: bool = False) -> List[dict]:
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
-    except OSError as error:
-        raise DataError(f"{path}: {error.strerror.lower()}") from None
-    rows, skipped = [], 0
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8") from None
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            _check_row(row, where, need_label)
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
-            continue
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{name}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else " (the file is empty)"))
-    if skipped:
-        logger.warning(f"{name}: skipped {skipped} bad rows of {skipped + len(rows)}")
-    return rows
+    def check_row(row, where):
+        context = row.get(CONTEXT)
+        if not isinstance(context, str) or not context.strip():
+            raise DataError(f"{where}: {CONTEXT!r} must be a non-empty string")
+        choices = row.get(CHOICES)
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise DataError(f"{where}: {CHOICES!r} must be a list of at least two strings")
+        for number, choice in enumerate(choices):
+            if not isinstance(choice, str) or not choice.strip():
+                raise DataError(f"{where}: choice {number} must be a non-empty string")
+        if LABEL in row or need_label:
+            label = row.get(LABEL)
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+                raise DataError(f"{where}: {LABEL!r} must be a choice index 0..{len(choices) - 1}, got {label!r}")
+
+    return read_json_lines(path, check_row, skip_bad_rows)[0]
 
 
 def build_choice_examples(rows: List[dict], builder: MultipleChoiceBuilder, name: str) -> List[MultipleChoiceExample]:

@@ -35,29 +35,44 @@ def python(*args):
 
 
 def build_model_dir(path, hidden_size, num_layers, max_sequence_length):
-    """The real tokenizer saved the PaddleNLP way, plus a small GLMConfig (no weights: random init)."""
+    """The real tokenizer saved the PaddleNLP way and a small GLM's seeded random weights: every stage
+    (and the "before" evaluation) starts from the same model."""
     sys.path.insert(0, ROOT)
     import glm  # noqa: F401
+    import paddle
     from paddlenlp.transformers import GLMChineseTokenizer
 
-    from glm import GLMConfig
+    from glm import GLMConfig, GLMForConditionalGeneration
 
     source = os.path.join(path, "sentencepiece")
     os.makedirs(source, exist_ok=True)
     shutil.copy(os.path.join(SHARED, "tokenizers", "glm-chinese", "cog-pretrain.model"), source)
     GLMChineseTokenizer.from_pretrained(source).save_pretrained(path)
     shutil.rmtree(source)
-    GLMConfig(
+    config = GLMConfig(
         num_layers=num_layers, vocab_size=50048, hidden_size=hidden_size, num_attention_heads=4,
         max_sequence_length=max_sequence_length, embedding_dropout_prob=0.1, attention_dropout_prob=0.1,
         output_dropout_prob=0.1,
-    ).save_pretrained(path)  # fmt: skip
+    )  # fmt: skip
+    paddle.seed(42)
+    GLMForConditionalGeneration(config).save_pretrained(path)
 
 
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def finetune(script, recipe, model_dir, data, output):
+    """Runs a finetuning script on a recipe; its wall-clock minutes and final trainer state."""
+    start = time.time()
+    python(
+        script, os.path.join("configs", recipe), "--model_name_or_path", model_dir, "--dataset_name_or_path", data,
+        "--output_dir", output, "--overwrite_output_dir", "--disable_tqdm", "true",
+    )  # fmt: skip
+    with open(os.path.join(output, "trainer_state.json"), encoding="utf-8") as f:
+        return (time.time() - start) / 60, json.load(f)
 
 
 def sentiment_rows(split, count=None):
@@ -74,14 +89,7 @@ def sentiment(args, model_dir):
     write_jsonl(os.path.join(data, "train.json"), sentiment_rows("train", args.sentiment_rows))
     write_jsonl(os.path.join(data, "dev.json"), sentiment_rows("dev"))
     output = os.path.join(args.output_dir, "sentiment-cloze")
-    start = time.time()
-    python(
-        "finetune_cloze.py", os.path.join("configs", "real-sentiment-cloze.json"), "--model_name_or_path", model_dir,
-        "--dataset_name_or_path", data, "--output_dir", output, "--overwrite_output_dir", "--disable_tqdm", "true",
-    )  # fmt: skip
-    minutes = (time.time() - start) / 60
-    with open(os.path.join(output, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    minutes, state = finetune("finetune_cloze.py", "real-sentiment-cloze.json", model_dir, data, output)
     with open(os.path.join(output, "untrained_results.json"), encoding="utf-8") as f:
         untrained = json.load(f)["untrained_accuracy"]
     curve = [{"epoch": 0, "step": 0, "accuracy": untrained}] + [
@@ -121,16 +129,9 @@ def peoples_daily(args, model_dir):
 
     before = evaluate_lm(model_dir, text_file, words_file, os.path.join(data, "before.json"))
     output = os.path.join(args.output_dir, "peoples-daily-lm")
-    start = time.time()
-    python(
-        "finetune_generation.py", os.path.join("configs", "real-peoples-daily-lm.json"), "--model_name_or_path", model_dir,
-        "--dataset_name_or_path", data, "--output_dir", output, "--overwrite_output_dir", "--disable_tqdm", "true",
-    )  # fmt: skip
-    minutes = (time.time() - start) / 60
+    minutes, state = finetune("finetune_generation.py", "real-peoples-daily-lm.json", model_dir, data, output)
     after = evaluate_lm(output, text_file, words_file, os.path.join(data, "after.json"))
-    with open(os.path.join(output, "trainer_state.json"), encoding="utf-8") as f:
-        steps = json.load(f)["global_step"]
-    return {"before": before, "after": after, "finetune_minutes": round(minutes, 2), "train_steps": steps,
+    return {"before": before, "after": after, "finetune_minutes": round(minutes, 2), "train_steps": state["global_step"],
             "train_lines": len(split) - 100, "heldout_lines": len(heldout)}  # fmt: skip
 
 
