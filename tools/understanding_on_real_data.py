@@ -93,7 +93,7 @@ def sentiment(args, model_dir):
     with open(os.path.join(output, "untrained_results.json"), encoding="utf-8") as f:
         untrained = json.load(f)["untrained_accuracy"]
     curve = [{"epoch": 0, "step": 0, "accuracy": untrained}] + [
-        {"epoch": round(e["epoch"], 2), "step": e["step"], "accuracy": e["eval_accuracy"]}
+        {"epoch": e["progress_or_epoch"], "step": e["step"], "accuracy": e["eval_accuracy"]}
         for e in state["log_history"] if "eval_accuracy" in e
     ]  # fmt: skip
     return {"dev_accuracy_per_epoch": curve, "minutes_total": round(minutes, 2), "train_steps": state["global_step"],
