@@ -6,7 +6,7 @@
      正面/负面, dev accuracy reported before training and after every epoch;
   2. People's Daily language modelling: `evaluate.py --task lm` perplexity (and lambada accuracy) on the
      last --heldout_lines lines of text.txt / words.txt, before and after a short finetune
-     (finetune_generation.py, [MASK] blank: the first third of a line is the source, the rest the target)
+     (finetune_generation.py, [MASK] blank: a line's first character is the source, the rest the target)
      on its first --lm_lines lines.
 
     python tools/understanding_on_real_data.py --output_dir /tmp/understanding
@@ -123,7 +123,8 @@ def peoples_daily(args, model_dir):
         f.writelines(lines[i] + "\n" for i in heldout)
     with open(words_file, "w", encoding="utf-8") as f:
         f.writelines(words[i] + "\n" for i in heldout)
-    split = [{"src": lines[i][: len(lines[i]) // 3], "tgt": lines[i][len(lines[i]) // 3 :]} for i in train]
+    # The source is a line's first character, as evaluation's first window prompts with its first token.
+    split = [{"src": lines[i][:1], "tgt": lines[i][1:]} for i in train]
     write_jsonl(os.path.join(data, "train.json"), split[: -100])
     write_jsonl(os.path.join(data, "dev.json"), split[-100:])
 
