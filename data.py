@@ -9,13 +9,13 @@ Every problem in a file stops with one line `FILE:LINE: what is wrong` (a DataEr
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from paddlenlp.utils.log import logger
 
 from glm.inputs import GLMExample, GLMInputBuilder
 
-__all__ = ["DataError", "Dataset", "KNOWN_FIELD_PAIRS", "find_split_file", "read_rows", "build_examples"]
+__all__ = ["DataError", "Dataset", "KNOWN_FIELD_PAIRS", "find_split_file", "read_json_lines", "read_rows", "build_examples"]
 
 KNOWN_FIELD_PAIRS = (("src", "tgt"), ("content", "summary"), ("source", "target"))
 
@@ -72,21 +72,16 @@ def _check_field(row: dict, key: str, where: str):
         raise DataError(f"{where}: {key!r} is empty")
 
 
-def read_rows(
-    path: str,
-    source_key: Optional[str] = None,
-    target_key: Optional[str] = None,
-    need_target: bool = True,
-    skip_bad_rows: bool = False,
-) -> Dataset:
-    """Reads a JSON Lines file. Blank lines are ignored; everything else must be a valid row."""
+def read_json_lines(path: str, check_row: Callable[[dict, str], None], skip_bad_rows: bool = False) -> Tuple[List[dict], int]:
+    """The JSON objects of a JSON Lines file and how many bad ones were skipped. Blank lines are ignored;
+    `check_row(row, "FILE:LINE")` raises a DataError for a bad row (which `skip_bad_rows` drops and counts)."""
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
             raw_lines = f.read().split(b"\n")
     except OSError as error:
         raise DataError(f"{path}: {error.strerror.lower()}") from None
-    rows, skipped, keys = [], 0, None
+    rows, skipped = [], 0
     for number, raw in enumerate(raw_lines, start=1):
         where = f"{name}:{number}"
         if not raw.strip():
@@ -102,11 +97,7 @@ def read_rows(
                 raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if keys is None:
-                keys = _detect_keys(row, where, source_key, target_key, need_target)
-            _check_field(row, keys[0], where)
-            if keys[1] is not None and (need_target or keys[1] in row):
-                _check_field(row, keys[1], where)
+            check_row(row, where)
         except DataError:
             if not skip_bad_rows:
                 raise
@@ -117,6 +108,28 @@ def read_rows(
         raise DataError(f"{name}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else " (the file is empty)"))
     if skipped:
         logger.warning(f"{name}: skipped {skipped} bad rows of {skipped + len(rows)}")
+    return rows, skipped
+
+
+def read_rows(
+    path: str,
+    source_key: Optional[str] = None,
+    target_key: Optional[str] = None,
+    need_target: bool = True,
+    skip_bad_rows: bool = False,
+) -> Dataset:
+    """Reads a JSON Lines file of source/target rows; the fields are detected on the first good row."""
+    keys = None
+
+    def check_row(row, where):
+        nonlocal keys
+        if keys is None:
+            keys = _detect_keys(row, where, source_key, target_key, need_target)
+        _check_field(row, keys[0], where)
+        if keys[1] is not None and (need_target or keys[1] in row):
+            _check_field(row, keys[1], where)
+
+    rows, skipped = read_json_lines(path, check_row, skip_bad_rows)
     return Dataset(path, rows, keys[0], keys[1], skipped)
 
 

@@ -21,6 +21,7 @@ from paddlenlp.trainer import PdArgumentParser, Trainer, get_last_checkpoint
 from paddlenlp.trainer.trainer_utils import IntervalStrategy
 from paddlenlp.utils.log import logger
 
+from glm import GLMForConditionalGeneration
 from glm.lora import DEFAULT_LORA_TARGETS, apply_lora
 from glm.loading import load_model_and_tokenizer
 from utils import UserError, write_json_atomic
@@ -101,12 +102,13 @@ def last_checkpoint_to_resume(training_args):
     return checkpoint
 
 
-def load_for_training(model_args, dtype, lengths, **config_overrides):
-    """The model and tokenizer, every `lengths` entry ({flag: value}) checked against the model's
-    max_sequence_length, and LoRA applied when asked."""
+def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalGeneration, **config_overrides):
+    """The model (a `model_class`) and tokenizer, every `lengths` entry ({flag: value}) checked against
+    the model's max_sequence_length, and LoRA applied when asked."""
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
         dtype,
+        model_class=model_class,
         use_flash_attention=model_args.use_flash_attention,
         **config_overrides,
     )

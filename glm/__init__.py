@@ -12,6 +12,6 @@ warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 from .configuration import GLMConfig  # noqa: E402
-from .modeling import GLMForConditionalGeneration, GLMModel, GLMPretrainedModel  # noqa: E402
+from .modeling import GLMForConditionalGeneration, GLMForMultipleChoice, GLMModel, GLMPretrainedModel  # noqa: E402
 
-__all__ = ["GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration"]
+__all__ = ["GLMConfig", "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice"]

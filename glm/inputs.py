@@ -18,7 +18,10 @@ import numpy as np
 
 from .tokenization import GLMSpecialIds, special_token_ids
 
-__all__ = ["MASK_TOKENS", "GLMInputBuilder", "GLMExample", "collate_examples", "IGNORE_INDEX"]
+__all__ = [
+    "MASK_TOKENS", "GLMInputBuilder", "GLMExample", "collate_examples", "IGNORE_INDEX",
+    "MultipleChoiceBuilder", "MultipleChoiceExample", "collate_multiple_choice",
+]
 
 MASK_TOKENS = ("[gMASK]", "[MASK]", "[sMASK]")
 IGNORE_INDEX = -100  # label of positions outside the loss
@@ -117,4 +120,128 @@ def collate_examples(features: Sequence[Dict[str, object]], pad_id: int) -> Dict
     if "labels" in features[0]:
         batch["labels"] = np.array([padded(f["labels"], IGNORE_INDEX) for f in features], dtype="int64")
         batch["loss_mask"] = np.array([padded(f["loss_mask"], 0) for f in features], dtype="float32")
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multiple choice / cloze: one packed row per example (THUDM's cloze tasks, HF's
+# build_inputs_for_multiple_choice; PaddleNLP's builder calls numpy methods that do not exist).
+#
+#     [CLS] context-with-[MASK] <|endoftext|>  <|startofpiece|> choice1[:-1]  <|startofpiece|> choice2[:-1] ...
+#
+# Every block sits at the mask's position (position_ids[0] = mask position, position_ids[1] = 1..n), sees
+# the whole context, is causal within itself and never sees another block: the 4-D mask, which the sep
+# form cannot say. Choice c is scored where its block predicts its tokens (`choice_indices`).
+
+
+@dataclass
+class MultipleChoiceExample:
+    input_ids: List[int]
+    position_ids: List[List[int]]  # [2, L]
+    context_length: int  # tokens every position sees
+    choice_ids: List[List[int]]  # per choice, its tokens
+    choice_indices: List[List[int]]  # per choice, the positions predicting them
+    label: Optional[int] = None
+    context_truncated: bool = False
+
+    def features(self) -> Dict[str, object]:
+        features = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "context_length": self.context_length,
+            "choice_ids": self.choice_ids,
+            "choice_indices": self.choice_indices,
+        }
+        if self.label is not None:
+            features["labels"] = self.label
+        return features
+
+
+class MultipleChoiceBuilder:
+    """Turns (context, choices[, label]) into a packed MultipleChoiceExample.
+
+    The context becomes `[CLS] context [MASK] <|endoftext|>` within src_length tokens ([MASK] appended when
+    the context holds no blank). A longer context is cut to a window that keeps its first blank (the
+    tokens nearest the blank survive). Choices are tokenized without special tokens and never cut.
+    """
+
+    def __init__(self, tokenizer, src_length: int):
+        if src_length < 4:
+            raise ValueError(f"src_length must be at least 4 ([CLS], one token, the mask, <|endoftext|>); got {src_length}")
+        # The generation builder's tokenizer glue and special ids; its target side is unused here.
+        self.glm = GLMInputBuilder(tokenizer, src_length, tgt_length=2, mask_token="[MASK]")
+        self.ids = self.glm.ids
+        self.src_length = src_length
+
+    def context_ids(self, context: str):
+        """`[CLS] context <|endoftext|>` holding a blank, within src_length; its blank position; whether cut."""
+        tokens = self.glm.tokenize(context)
+        blanks = [i for i, token in enumerate(tokens) if token in self.ids.mask_ids]
+        if not blanks:
+            tokens.append(self.ids.mask)
+            blanks = [len(tokens) - 1]
+        budget = self.src_length - 2  # [CLS] and <|endoftext|>
+        truncated = len(tokens) > budget
+        if truncated:
+            start = max(0, min(blanks[0] - budget // 2, len(tokens) - budget))
+            tokens = tokens[start : start + budget]
+            blanks[0] -= start
+        return [self.ids.cls] + tokens + [self.ids.eos], blanks[0] + 1, truncated
+
+    def build(self, context: str, choices: Sequence[str], label: Optional[int] = None) -> MultipleChoiceExample:
+        input_ids, mask_position, truncated = self.context_ids(context)
+        context_length = len(input_ids)
+        positions, blocks = list(range(context_length)), [0] * context_length
+        choice_ids, choice_indices = [], []
+        for number, choice in enumerate(choices):
+            tokens = self.glm.tokenize(choice)
+            if not tokens:
+                raise ValueError(f"choice {number} ({choice!r}) has no tokens")
+            choice_indices.append(list(range(len(input_ids), len(input_ids) + len(tokens))))
+            choice_ids.append(tokens)
+            input_ids = input_ids + [self.ids.sop] + tokens[:-1]
+            positions += [mask_position] * len(tokens)
+            blocks += list(range(1, len(tokens) + 1))
+        return MultipleChoiceExample(
+            input_ids, [positions, blocks], context_length, choice_ids, choice_indices, label, truncated
+        )
+
+
+def multiple_choice_mask(length: int, context_length: int, choice_indices: Sequence[Sequence[int]]) -> np.ndarray:
+    """[length, length] 0/1: everyone sees the context; a block sees itself causally; padding sees the context."""
+    mask = np.zeros([length, length], dtype="int64")
+    mask[:, :context_length] = 1
+    for block in choice_indices:
+        start, end = block[0], block[-1] + 1
+        mask[start:end, start:end] = np.tril(np.ones([end - start, end - start], dtype="int64"))
+    return mask
+
+
+def collate_multiple_choice(features: Sequence[Dict[str, object]], pad_id: int) -> Dict[str, np.ndarray]:
+    """Right-pads a batch of packed rows; choices padded to [B, C, n] with index -1 (GLMForMultipleChoice
+    reads an absent choice as score -inf)."""
+    length = max(len(f["input_ids"]) for f in features)
+    num_choices = max(len(f["choice_ids"]) for f in features)
+    longest = max(len(c) for f in features for c in f["choice_ids"])
+
+    def padded(values, size, fill):
+        return list(values) + [fill] * (size - len(values))
+
+    def padded_choices(choices, fill):
+        rows = [padded(c, longest, fill) for c in choices]
+        return rows + [[fill] * longest] * (num_choices - len(rows))
+
+    batch = {
+        "input_ids": np.array([padded(f["input_ids"], length, pad_id) for f in features], dtype="int64"),
+        "position_ids": np.array(
+            [[padded(channel, length, 0) for channel in f["position_ids"]] for f in features], dtype="int64"
+        ),
+        "attention_mask": np.stack(
+            [multiple_choice_mask(length, f["context_length"], f["choice_indices"])[None] for f in features]
+        ),
+        "choice_ids": np.array([padded_choices(f["choice_ids"], 0) for f in features], dtype="int64"),
+        "choice_indices": np.array([padded_choices(f["choice_indices"], -1) for f in features], dtype="int64"),
+    }
+    if all("labels" in f for f in features):
+        batch["labels"] = np.array([f["labels"] for f in features], dtype="int64")
     return batch

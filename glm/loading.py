@@ -25,12 +25,13 @@ def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
 
 
-def load_model(path: str, dtype=None, **config_overrides) -> GLMForConditionalGeneration:
-    """A local checkpoint directory, or one of PaddleNLP's GLM names (downloaded by PaddleNLP).
-    `config_overrides` replace config.json fields (e.g. label_smoothing)."""
+def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):
+    """A local checkpoint directory, or one of PaddleNLP's GLM names (downloaded by PaddleNLP), as
+    `model_class` (any GLM head: the parameter names are shared). `config_overrides` replace config.json
+    fields (e.g. label_smoothing)."""
     if path in BUILTIN_CHECKPOINTS:
         try:
-            return GLMForConditionalGeneration.from_pretrained(path, dtype=dtype, **config_overrides)
+            return model_class.from_pretrained(path, dtype=dtype, **config_overrides)
         except Exception as error:  # noqa: BLE001  (a failed download surfaces as many exception types)
             raise CheckpointError(f"{path}: cannot download it ({str(error).splitlines()[0]})") from None
     if not os.path.isdir(path):
@@ -40,16 +41,16 @@ def load_model(path: str, dtype=None, **config_overrides) -> GLMForConditionalGe
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
     if has_weights(path):
-        return GLMForConditionalGeneration.from_pretrained(path, dtype=dtype, **config_overrides)
+        return model_class.from_pretrained(path, dtype=dtype, **config_overrides)
     config = GLMConfig.from_pretrained(path, **config_overrides)
     logger.info(f"{path} holds no weights: initialising GLM ({config.num_layers} layers) from its config.json")
-    model = GLMForConditionalGeneration(config)
+    model = model_class(config)
     return model.to(dtype=dtype) if dtype else model
 
 
-def load_model_and_tokenizer(path: str, dtype=None, **config_overrides):
+def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):
     """The model and tokenizer of `path`; the tokenizer's ids must fit the model's embeddings."""
-    model = load_model(path, dtype, **config_overrides)  # first: it says best what is wrong with a path
+    model = load_model(path, dtype, model_class=model_class, **config_overrides)  # first: it says best what is wrong with a path
     if path not in BUILTIN_CHECKPOINTS:
         tokenizer = load_tokenizer(path)
     else:

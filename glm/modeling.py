@@ -23,12 +23,16 @@ from paddlenlp.transformers.glm.configuration import (
     GLM_PRETRAINED_INIT_CONFIGURATION,
     GLM_PRETRAINED_RESOURCE_FILES_MAP,
 )
-from paddlenlp.transformers.model_outputs import BaseModelOutputWithPast, CausalLMOutputWithCrossAttentions
+from paddlenlp.transformers.model_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithCrossAttentions,
+    MultipleChoiceModelOutput,
+)
 from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "attention_bias", "DecodingCache"]
+__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache"]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -419,3 +423,81 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
             token_loss = (1.0 - epsilon) * token_loss + epsilon * smooth_loss
         weights = paddle.gather(weights, positions)
         return (token_loss * weights).sum() / weights.sum()
+
+
+def padded_choices(choice_ids, choice_indices):
+    """Per-choice token ids and their row positions as int64 tensors [B, C, n], padded with index -1.
+
+    Accepts PaddleNLP's form (per example, a list of per-choice 1-D arrays/tensors/lists; examples may
+    differ in their number of choices and choices in their length) or tensors already padded this way."""
+    if isinstance(choice_indices, paddle.Tensor) and choice_indices.ndim == 3:
+        return choice_ids.astype("int64"), choice_indices.astype("int64")
+
+    def as_list(values):
+        return values.tolist() if hasattr(values, "tolist") else list(values)
+
+    ids = [[as_list(c) for c in example] for example in choice_ids]
+    indices = [[as_list(c) for c in example] for example in choice_indices]
+    num_choices = max(len(example) for example in indices)
+    longest = max(len(c) for example in indices for c in example)
+    padded_ids, padded_indices = [], []
+    for b, (example_ids, example_indices) in enumerate(zip(ids, indices)):
+        for c, (tokens, positions) in enumerate(zip(example_ids, example_indices)):
+            if len(tokens) != len(positions):
+                raise ValueError(f"example {b} choice {c}: {len(tokens)} choice ids but {len(positions)} indices")
+        missing = [[]] * (num_choices - len(example_indices))
+        padded_ids.append([c + [0] * (longest - len(c)) for c in example_ids + missing])
+        padded_indices.append([c + [-1] * (longest - len(c)) for c in example_indices + missing])
+    return paddle.to_tensor(padded_ids, dtype="int64"), paddle.to_tensor(padded_indices, dtype="int64")
+
+
+class GLMForMultipleChoice(GLMPretrainedModel):
+    """GLM scoring choices for a blank: PaddleNLP's class name, parameter names and call signature.
+
+    A choice's score is the sum of log p(token) over its tokens, read at `choice_indices` (where each of
+    its tokens is predicted, e.g. a packed `<|startofpiece|> choice[:-1]` block; see
+    glm.inputs.MultipleChoiceBuilder). Unlike PaddleNLP it runs the LM head only at those positions and
+    takes the log-softmax as -cross_entropy (Paddle's CPU log_softmax is ~100x slower), and it does not
+    return the full vocabulary logits. Examples with fewer choices than the batch's widest get -inf
+    scores for the missing ones (they never win and add nothing to the loss).
+    """
+
+    def __init__(self, config: GLMConfig):
+        super().__init__(config)
+        self.glm = GLMModel(config)
+
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        choice_ids=None,
+        choice_indices=None,
+        labels=None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Returns (loss, scores [B, C]) as a tuple, or `MultipleChoiceModelOutput`; loss only with labels."""
+        hidden_states, _ = self.glm(input_ids, position_ids, attention_mask, return_dict=False)
+        scores = self.choice_scores(hidden_states, *padded_choices(choice_ids, choice_indices))
+        loss = F.cross_entropy(scores, labels.reshape([-1, 1]).astype("int64")) if labels is not None else None
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if not return_dict:
+            return (loss, scores) if loss is not None else (scores,)
+        return MultipleChoiceModelOutput(loss=loss, logits=scores)
+
+    def choice_scores(self, hidden_states, choice_ids, choice_indices):
+        batch_size, length, hidden_size = hidden_states.shape
+        num_choices, longest = choice_indices.shape[1], choice_indices.shape[2]
+        valid = (choice_indices >= 0).reshape([-1])
+        tokens = paddle.nonzero(valid).reshape([-1])  # flat [B*C*n] indices of real choice tokens
+        example = tokens // (num_choices * longest)
+        rows = example * length + paddle.gather(choice_indices.reshape([-1]), tokens)
+        hidden = paddle.gather(hidden_states.reshape([-1, hidden_size]), rows)  # [N, hidden]
+        logits = paddle.matmul(hidden, self.glm.word_embeddings.weight, transpose_y=True).astype("float32")
+        targets = paddle.gather(choice_ids.reshape([-1]), tokens).unsqueeze(-1)
+        token_log_probs = -F.cross_entropy(logits, targets, reduction="none").squeeze(-1)  # [N]
+        # Sum each choice's tokens: a [B*C, N] 0/1 matrix times the token log-probabilities.
+        owner = F.one_hot(tokens // longest, batch_size * num_choices).astype("float32")  # [N, B*C]
+        scores = paddle.matmul(owner, token_log_probs.unsqueeze(-1), transpose_x=True).reshape([batch_size, num_choices])
+        present = (choice_indices >= 0).any(axis=-1)
+        return paddle.where(present, scores, paddle.full_like(scores, float("-inf")))

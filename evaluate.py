@@ -1,0 +1,189 @@
+"""Evaluate a GLM checkpoint on understanding tasks, as THUDM's evaluation scripts do.
+
+    python evaluate.py --task multiple_choice --model_name_or_path CKPT --data_file dev.json --output_file results.json
+    python evaluate.py --task lm --model_name_or_path CKPT --data_file text.txt --overlapping_eval 32
+    python evaluate.py --task lambada --model_name_or_path CKPT --data_file words.txt
+
+multiple_choice  THUDM's zero-shot rows {"inputs_pretokenized", "choices_pretokenized", "label"}: each
+                 choice scored by its summed log-probability; `accuracy` (%), per-row predictions.
+lm               plain text, one document per line, THUDM's LMDataset windows: `perplexity`, `loss`
+                 (mean token negative log-likelihood) and `tokens` scored.
+lambada          lines of space-separated words, the last word the answer: `accuracy` (%), right iff
+                 every answer token is the argmax given the true earlier ones (teacher-forced).
+Results are printed and, with --output_file, written as JSON (atomically); per-row predictions go to
+--predictions_file (default: beside the output file).
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
+from paddlenlp.trainer import PdArgumentParser
+from tqdm import tqdm
+
+from data import DataError
+from glm import GLMForConditionalGeneration, GLMForMultipleChoice
+from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
+from glm.lora import load_lora
+from glm.loading import CheckpointError, load_model_and_tokenizer
+from glm.tokenization import TokenizerError, special_token_ids
+from language_model import lambada_example, lm_metrics, lm_windows, score_targets, window_example
+from multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
+from utils import UserError, exit_on_user_error, write_json_atomic, write_jsonl_atomic
+
+TASKS = ("multiple_choice", "lm", "lambada")
+
+
+@dataclass
+class EvaluateArguments:
+    task: str = field(default="multiple_choice", metadata={"help": f"One of {', '.join(TASKS)}."})
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "GLM checkpoint directory (required)."})
+    data_file: Optional[str] = field(default=None, metadata={"help": "The data to evaluate on (required)."})
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Write the results here as JSON."})
+    predictions_file: Optional[str] = field(
+        default=None, metadata={"help": "Per-row predictions, JSON Lines (default: OUTPUT.predictions.jsonl)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Rows (or windows) per forward pass."})
+    src_length: Optional[int] = field(
+        default=None, metadata={"help": "multiple_choice: context tokens with [CLS], [MASK], <|endoftext|> (default: the model's max)."}
+    )
+    seq_length: Optional[int] = field(default=None, metadata={"help": "lm/lambada: window length (default: the model's max)."})
+    overlapping_eval: Optional[int] = field(default=None, metadata={"help": "lm: window stride (default: a whole window)."})
+    unidirectional: bool = field(default=False, metadata={"help": "lm: later windows see one prompt token, causally."})
+    mask_token: str = field(default="[MASK]", metadata={"help": "lm/lambada: the blank ([MASK], or [gMASK] as THUDM's --task-mask)."})
+    word_separator: str = field(default="", metadata={"help": "lambada: joins the context words (\"\" for Chinese, \" \" for English)."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "multiple_choice: skip and count bad rows."})
+
+
+def check_arguments(args):
+    if args.task not in TASKS:
+        raise UserError(f"--task must be one of {', '.join(TASKS)}; got {args.task}")
+    for name in ("model_name_or_path", "data_file"):
+        if not getattr(args, name):
+            raise UserError(f"--{name} is required")
+    if not os.path.isfile(args.data_file):
+        raise UserError(f"{args.data_file}: no such file")
+    if args.mask_token not in MASK_TOKENS:
+        raise UserError(f"--mask_token must be one of {', '.join(MASK_TOKENS)}; got {args.mask_token}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")
+
+
+def load(args):
+    model_class = GLMForMultipleChoice if args.task == "multiple_choice" else GLMForConditionalGeneration
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, model_class=model_class)
+    if args.lora_path:
+        if not os.path.exists(os.path.join(args.lora_path, "lora_config.json")):
+            raise UserError(f"{args.lora_path}: no lora_config.json (expected a LoRA adapter directory)")
+        model = load_lora(model, args.lora_path)
+    model.eval()
+    return model, tokenizer
+
+
+def progress_bar(total, what):
+    return tqdm(total=total, desc=what, unit="row", file=sys.stderr)
+
+
+def evaluate_multiple_choice(args, model, tokenizer):
+    src_length = args.src_length or model.config.max_sequence_length
+    if not 4 <= src_length <= model.config.max_sequence_length:
+        raise UserError(f"--src_length must be 4..{model.config.max_sequence_length} (the model's max); got {src_length}")
+    builder = MultipleChoiceBuilder(tokenizer, src_length)
+    rows = read_choice_rows(args.data_file, skip_bad_rows=args.skip_bad_rows)
+    examples = build_choice_examples(rows, builder, os.path.basename(args.data_file))
+    with progress_bar(len(examples), "scoring") as bar:
+        scores = score_examples(model, examples, args.batch_size, builder.ids.pad, progress=bar.update)
+    metrics = choice_metrics(scores, [row["label"] for row in rows])
+    return {"accuracy": metrics["accuracy"], "rows": len(rows)}, prediction_rows(rows, scores)
+
+
+def read_lines(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [(number, line.strip()) for number, line in enumerate(f, start=1) if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+
+
+def sequence_length(args, model):
+    seq_length = args.seq_length or model.config.max_sequence_length
+    if not 3 <= seq_length <= model.config.max_sequence_length:
+        raise UserError(f"--seq_length must be 3..{model.config.max_sequence_length} (the model's max); got {seq_length}")
+    return seq_length
+
+
+def evaluate_lm(args, model, tokenizer):
+    seq_length = sequence_length(args, model)
+    if args.overlapping_eval is not None and not 1 <= args.overlapping_eval <= seq_length - 1:
+        raise UserError(f"--overlapping_eval must be 1..{seq_length - 1} (seq_length - 1); got {args.overlapping_eval}")
+    ids = special_token_ids(tokenizer)
+    mask_id = tokenizer.convert_tokens_to_ids(args.mask_token)
+    examples = []
+    for _, line in read_lines(args.data_file):
+        tokens = tokenizer(line, add_special_tokens=False)["input_ids"]
+        for prompt, text, unscored in lm_windows(tokens, seq_length, args.overlapping_eval, args.unidirectional):
+            examples.append(window_example(prompt, text, unscored, ids, mask_id))
+    if not examples:
+        raise DataError(f"{args.data_file}: no line has two tokens to score")
+    with progress_bar(len(examples), "scoring windows") as bar:
+        results = score_targets(model, examples, args.batch_size, ids.pad, progress=bar.update)
+    return dict(lm_metrics(results), windows=len(examples)), None
+
+
+def evaluate_lambada(args, model, tokenizer):
+    seq_length = sequence_length(args, model)
+    ids = special_token_ids(tokenizer)
+    mask_id = tokenizer.convert_tokens_to_ids(args.mask_token)
+    rows, examples = [], []
+    for number, line in read_lines(args.data_file):
+        words = line.split()
+        if len(words) < 2:
+            raise DataError(f"{os.path.basename(args.data_file)}:{number}: needs a context and a last word")
+        context = tokenizer(args.word_separator.join(words[:-1]), add_special_tokens=False)["input_ids"]
+        # As THUDM: the answer tokenized on its own, after the separator (" last" in English).
+        answer = tokenizer(args.word_separator + words[-1], add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise DataError(f"{os.path.basename(args.data_file)}:{number}: the last word has no tokens")
+        # [CLS] context [MASK] <|endoftext|> must fit; a long context keeps its end, next to the answer.
+        context = context[max(0, len(context) - (seq_length - 3)) :]
+        rows.append({"line": number, "answer": words[-1]})
+        examples.append(lambada_example(context, answer, ids, mask_id))
+    with progress_bar(len(examples), "scoring") as bar:
+        results = score_targets(model, examples, args.batch_size, ids.pad, progress=bar.update)
+    correct = [hit for _, _, hit in results]
+    metrics = {"accuracy": round(100.0 * sum(correct) / len(correct), 4), "rows": len(correct)}
+    return metrics, (dict(row, correct=hit) for row, hit in zip(rows, correct))
+
+
+def evaluate(args):
+    check_arguments(args)
+    model, tokenizer = load(args)
+    task = {"multiple_choice": evaluate_multiple_choice, "lm": evaluate_lm, "lambada": evaluate_lambada}[args.task]
+    metrics, predictions = task(args, model, tokenizer)
+    results = dict(task=args.task, **metrics)
+    if predictions is not None and (args.predictions_file or args.output_file):
+        path = args.predictions_file or os.path.splitext(args.output_file)[0] + ".predictions.jsonl"
+        write_jsonl_atomic(path, predictions)
+    if args.output_file:
+        write_json_atomic(args.output_file, results)
+    print(json.dumps(results, ensure_ascii=False))
+    return results
+
+
+def main(argv=None):
+    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+        try:
+            (args,) = PdArgumentParser(EvaluateArguments).parse_args_into_dataclasses(
+                args=sys.argv[1:] if argv is None else argv, look_for_args_file=False
+            )
+        except ValueError as error:  # unknown flags
+            raise UserError(str(error).splitlines()[0]) from None
+        return evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
