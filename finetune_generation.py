@@ -25,6 +25,7 @@ from data import DataError, build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.loading import CheckpointError
+from glm.lora import AdapterError
 from glm.tokenization import TokenizerError
 from training import (
     ROOT,
@@ -174,7 +175,7 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+    with exit_on_user_error(DataError, TokenizerError, CheckpointError, AdapterError):
         arguments = parse_generation_arguments(sys.argv[1:] if argv is None else argv)
         trainer = run(*arguments, callbacks=callbacks)
     return finish(trainer)
