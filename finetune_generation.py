@@ -126,6 +126,8 @@ def load_split(data_args, split):
 
 
 def run(model_args, data_args, generation_args, training_args, callbacks=()):
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
+        raise UserError(f"--max_eval_samples must be at least 1; got {data_args.max_eval_samples}")
     dtype = resolve_amp(training_args)
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)

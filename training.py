@@ -24,6 +24,7 @@ from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrat
 from paddlenlp.utils.log import logger
 
 from checkpoints import (
+    STAGING,
     acquire_lock,
     check_writable,
     checkpoint_problem,
@@ -270,7 +271,7 @@ class GLMTrainer(Trainer):
         self.check_finite_weights()
         run_dir = self.args.output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, ".staging")
+        staging_root = os.path.join(run_dir, STAGING)
         if self.args.should_save:
             staging_dir(run_dir, name)
         self.args.output_dir = staging_root
@@ -320,7 +321,7 @@ def save_final_model(trainer, extra_files):
     """The model and `extra_files` written whole under .staging, then moved into --output_dir."""
     args = trainer.args
     trainer.check_finite_weights()
-    staged = os.path.join(args.output_dir, ".staging", "final")
+    staged = os.path.join(args.output_dir, STAGING, "final")
     if args.should_save:
         staging_dir(args.output_dir, "final")
     trainer.save_model(staged)
