@@ -7,6 +7,7 @@ default ships without weights: a directory with a config but no weights starts f
 import contextlib
 import os
 
+import paddle
 from paddlenlp.utils.log import logger
 
 from .configuration import BUILTIN_CHECKPOINTS, GLMConfig
@@ -93,6 +94,9 @@ def from_pretrained_strictly(model_class, path: str, **kwargs):
         problems.append("shapes differ: " + ", ".join(f"{k} {list(a)} in the weights vs {list(b)}" for k, a, b in mismatched[:3]))
     if problems:
         raise CheckpointError(f"{path}: config.json and the weights do not fit: {'; '.join(problems)}")
+    broken = next((name for name, param in model.named_parameters() if not bool(paddle.isfinite(param).all())), None)
+    if broken:  # a diverged run's weights decode to empty strings: say so instead
+        raise CheckpointError(f"{path}: parameter {broken} holds NaN or inf (saved by a run that diverged)")
     return model
 
 

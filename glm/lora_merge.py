@@ -57,7 +57,11 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_dir: s
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise LoRAMergeError(f"{output_dir} exists and is not empty; choose a new --output_dir")
     model = merge_lora(load_model(model_name_or_path), lora_path, model_name_or_path, force)
-    model.save_pretrained(output_dir)
+    # Written beside output_dir and renamed onto it (an empty directory) whole: a kill leaves no torn checkpoint.
+    staged = f"{os.path.abspath(output_dir).rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(model_name_or_path, name)):
-            shutil.copy(os.path.join(model_name_or_path, name), output_dir)
+            shutil.copy(os.path.join(model_name_or_path, name), staged)
+    os.replace(staged, output_dir)

@@ -150,3 +150,11 @@ def test_data_file_problems(micro_model, micro_data, tmp_path, capsys):  # noqa:
     os.remove(data / "train.json")
     (data / "train.json").mkdir()
     exits_with_one_line(capsys, lambda: run(micro_model, str(data), tmp_path / "out", "--do_train"), "train.json is a directory")
+
+
+def test_a_model_with_non_finite_weights_is_refused(saved_tiny):
+    state = paddle.load(str(saved_tiny / "model_state.pdparams"))
+    state["glm.word_embeddings.weight"][0, 0] = float("nan")
+    paddle.save(state, str(saved_tiny / "model_state.pdparams"))
+    with pytest.raises(CheckpointError, match="glm.word_embeddings.weight holds NaN or inf"):
+        load_model(str(saved_tiny))
