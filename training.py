@@ -117,12 +117,13 @@ def last_checkpoint_to_resume(training_args):
     if training_args.should_save:
         check_writable(output_dir)
         acquire_lock(output_dir)
+        shutil.rmtree(os.path.join(output_dir, STAGING), ignore_errors=True)  # what a killed run was writing
     if training_args.resume_from_checkpoint:
         problem = checkpoint_problem(training_args.resume_from_checkpoint, with_optimizer)
         if problem:
             raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {problem}")
         return training_args.resume_from_checkpoint
-    if training_args.overwrite_output_dir:
+    if training_args.overwrite_output_dir or not os.path.isdir(output_dir):  # other workers: not made yet
         return None
     checkpoint = newest_complete_checkpoint(output_dir, with_optimizer, remove_incomplete=training_args.should_save)
     if checkpoint is not None:
