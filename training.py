@@ -3,7 +3,7 @@
 One implementation of what every finetune run needs: a recipe JSON followed by overriding flags, half
 precision where Paddle has the kernels, resuming from the newest complete checkpoint, loading the model (with
 its length checks and LoRA), THUDM's decay-to-ratio schedule, a resumable shuffle, checkpoint rotation in
-a single process, crash safety (checkpoints.py: a lock, checkpoints and a final model that a kill never
+a single process, crash safety (crash_safety.py: a lock, checkpoints and a final model that a kill never
 tears), a guard that stops at the first non-finite loss, and a clean exit of data-parallel workers. A task script adds its data, its evaluation
 and its own argument dataclasses.
 """
@@ -23,7 +23,7 @@ from paddlenlp.trainer import PdArgumentParser, Trainer
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from paddlenlp.utils.log import logger
 
-from checkpoints import (
+from crash_safety import (
     STAGING,
     acquire_lock,
     check_writable,
