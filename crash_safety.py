@@ -189,3 +189,7 @@ def publish_final_model(staged: str, output_dir: str):
         os.replace(os.path.join(staged, name), os.path.join(output_dir, name))
     _fsync_directory(output_dir)
     os.rmdir(staged)
+    try:
+        os.rmdir(os.path.dirname(staged))  # .staging, once nothing else is staged there
+    except OSError:
+        pass

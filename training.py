@@ -286,6 +286,7 @@ class GLMTrainer(Trainer):
             if self.args.should_save:
                 self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         if self.args.should_save:
+            paddle.save(self.args, os.path.join(staged, "training_args.bin"))  # with the real output_dir
             publish_checkpoint(staged, final)
             # PaddleNLP rotates only when local_rank == 0 (never in a single process), and here it
             # would rotate inside .staging.

@@ -101,3 +101,9 @@ def test_a_killed_predict_resumes_with_no_row_lost_or_repeated(micro_data, tmp_p
     rows = [json.loads(line) for line in open(output, encoding="utf-8")]
     assert rows == [json.loads(line) for line in open(tmp_path / "whole.jsonl", encoding="utf-8")]
     assert not os.path.exists(str(output) + ".partial") and not os.path.exists(str(output) + ".partial.json")
+
+
+def test_checkpoints_record_the_real_output_dir_and_no_staging_is_left(uninterrupted):
+    args = paddle.load(os.path.join(uninterrupted, "checkpoint-6", "training_args.bin"))
+    assert args.output_dir == uninterrupted
+    assert not os.path.exists(os.path.join(uninterrupted, ".staging"))
