@@ -3,7 +3,8 @@
 A dataset directory holds `train.json` and `dev.json` (or `.jsonl`), one JSON object per line. The
 source and target fields are found among (src, tgt), (content, summary), (source, target) unless named.
 Every problem in a file stops with one line `FILE:LINE: what is wrong` (a DataError), or, with
-`skip_bad_rows`, the row is dropped and the count reported.
+`skip_bad_rows`, the row is dropped and the count reported. A UTF-8 byte order mark is skipped, and a
+file holding one JSON array of objects is read as its items (with a note).
 """
 
 import json
@@ -18,6 +19,7 @@ from glm.inputs import GLMExample, GLMInputBuilder
 __all__ = ["DataError", "Dataset", "KNOWN_FIELD_PAIRS", "find_split_file", "read_json_lines", "read_rows", "build_examples"]
 
 KNOWN_FIELD_PAIRS = (("src", "tgt"), ("content", "summary"), ("source", "target"))
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -41,6 +43,8 @@ def find_split_file(directory: str, split: str) -> str:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path
+        if os.path.isdir(path):
+            raise DataError(f"{path} is a directory, not a JSON Lines file")
     raise DataError(f"{directory}: no {split}.json or {split}.jsonl")
 
 
@@ -78,23 +82,16 @@ def read_json_lines(path: str, check_row: Callable[[dict, str], None], skip_bad_
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
+            data = f.read()
     except OSError as error:
         raise DataError(f"{path}: {error.strerror.lower()}") from None
+    if data.startswith(UTF8_BOM):
+        logger.info(f"{name}: skipping the UTF-8 byte order mark at its start")
+        data = data[len(UTF8_BOM) :]
     rows, skipped = [], 0
-    for number, raw in enumerate(raw_lines, start=1):
-        where = f"{name}:{number}"
-        if not raw.strip():
-            continue
+    for where, parse in _entries(data, name):
         try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+            row = parse()
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             check_row(row, where)
@@ -105,7 +102,8 @@ def read_json_lines(path: str, check_row: Callable[[dict, str], None], skip_bad_
             continue
         rows.append(row)
     if not rows:
-        raise DataError(f"{name}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else " (the file is empty)"))
+        why = f"{skipped} bad rows skipped" if skipped else "the file is empty" if not data else "the file holds only whitespace"
+        raise DataError(f"{name}: no usable rows ({why})")
     if skipped:
         logger.warning(f"{name}: skipped {skipped} bad rows of {skipped + len(rows)}")
     return rows, skipped
@@ -133,6 +131,35 @@ def read_rows(
     return Dataset(path, rows, keys[0], keys[1], skipped)
 
 
+def _entries(data: bytes, name: str):
+    """(where, parse) for each row: JSON Lines, or the items of a file that is one JSON array."""
+    if data.lstrip().startswith(b"["):
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except ValueError:
+            items = None  # a first line that is an array: reported row by row below
+        if isinstance(items, list):
+            logger.info(f"{name}: one JSON array, not JSON Lines: reading its {len(items)} items as rows")
+            for number, item in enumerate(items, start=1):
+                yield f"{name}: item {number}", lambda item=item: item
+            return
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            yield f"{name}:{number}", lambda raw=raw, where=f"{name}:{number}": _parse_line(raw, where)
+
+
+def _parse_line(raw: bytes, where: str):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = "; expected JSON Lines, one object per line" if text.lstrip().startswith("[") else ""
+        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}){hint}") from None
+
+
 def build_examples(dataset: Dataset, builder: GLMInputBuilder, with_target: bool = True) -> List[GLMExample]:
     """GLM examples of every row; how many sources and targets were cut is reported once."""
     examples = [
@@ -146,4 +173,12 @@ def build_examples(dataset: Dataset, builder: GLMInputBuilder, with_target: bool
         logger.warning(f"{name}: {cut_sources} of {len(examples)} sources cut to src_length={builder.src_length} tokens")
     if cut_targets:
         logger.warning(f"{name}: {cut_targets} of {len(examples)} targets cut to tgt_length={builder.tgt_length} tokens")
+    unk_id = getattr(builder.tokenizer, "unk_token_id", None)
+    tokens = sum(len(e.input_ids) for e in examples)
+    unknown = sum(e.input_ids.count(unk_id) for e in examples) if unk_id is not None else 0
+    if unknown:
+        logger.warning(
+            f"{name}: {unknown} of {tokens} tokens ({100 * unknown / tokens:.2f}%) are unknown "
+            "(characters the tokenizer does not know, e.g. emoji or rare ones): the model sees only [UNK] there"
+        )
     return examples

@@ -25,6 +25,7 @@ from data import DataError, build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.loading import CheckpointError
+from glm.lora import AdapterError
 from glm.tokenization import TokenizerError
 from training import (
     ROOT,
@@ -125,6 +126,8 @@ def load_split(data_args, split):
 
 
 def run(model_args, data_args, generation_args, training_args, callbacks=()):
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
+        raise UserError(f"--max_eval_samples must be at least 1; got {data_args.max_eval_samples}")
     dtype = resolve_amp(training_args)
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
@@ -174,7 +177,7 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+    with exit_on_user_error(DataError, TokenizerError, CheckpointError, AdapterError):
         arguments = parse_generation_arguments(sys.argv[1:] if argv is None else argv)
         trainer = run(*arguments, callbacks=callbacks)
     return finish(trainer)

@@ -9,14 +9,16 @@ by the same GLMInputBuilder, so the prompt is exactly the one the model was trai
 is the input's fields plus `prediction` (and `filled`, the text with its blanks filled, when the source
 holds several [MASK]/[sMASK]; `predictions` when --num_return_sequences > 1). With --output_file, rows
 are appended to OUTPUT.partial as batches finish and renamed to OUTPUT at the end; a rerun resumes
-from the partial file.
+from the partial file only when OUTPUT.partial.json (the fingerprint of its input file, model, adapter
+and settings) matches the rerun's (else it refuses, or starts afresh with --overwrite_output).
 """
 
+import hashlib
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
@@ -28,10 +30,18 @@ from tqdm import tqdm
 from data import DataError, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder
-from glm.lora import load_lora
+from glm.lora import AdapterError, load_lora
 from glm.loading import CheckpointError, load_model_and_tokenizer
 from glm.tokenization import TokenizerError
-from utils import GENERATION_SETTINGS, GenerationArguments, UserError, exit_on_user_error
+from utils import (
+    GENERATION_SETTINGS,
+    GenerationArguments,
+    UserError,
+    atomic_file,
+    crash_point,
+    exit_on_user_error,
+    write_json_atomic,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
@@ -44,8 +54,12 @@ class PredictArguments:
         default=None, metadata={"help": f"GLM checkpoint directory (default: {os.path.relpath(DEFAULT_MODEL)})."}
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
+    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
     data_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines input (default: prompts from stdin)."})
     output_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines output (default: stdout)."})
+    overwrite_output: bool = field(
+        default=False, metadata={"help": "Start afresh instead of resuming an OUTPUT.partial made from other inputs."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Sources decoded together."})
     src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
     tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
@@ -72,9 +86,7 @@ class Predictor:
             raise UserError(f"--dtype {args.dtype} needs a GPU: Paddle's CPU kernels have no half precision")
         model, self.tokenizer = load_model_and_tokenizer(path, None if args.dtype == "float32" else args.dtype)
         if args.lora_path:
-            if not os.path.exists(os.path.join(args.lora_path, "lora_config.json")):
-                raise UserError(f"{args.lora_path}: no lora_config.json (expected a LoRA adapter directory)")
-            model = load_lora(model, args.lora_path)
+            model = load_lora(model, args.lora_path, path, args.force)
         model.eval()
         for name in ("src_length", "tgt_length"):
             if getattr(args, name) > model.config.max_sequence_length:
@@ -105,13 +117,73 @@ class Predictor:
         return fields
 
 
-def predict_file(predictor: Predictor, args: PredictArguments):
+def check_output_file(path: str):
+    """Before any loading or decoding: `path` must be a file we can create in an existing directory."""
+    if os.path.isdir(path):
+        raise UserError(f"--output_file {path} is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"--output_file {path}: no such directory {directory}")
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"--output_file {path}: cannot write in {directory}")
+
+
+def _files_signature(directory: Optional[str]):
+    """Cheap identity of a checkpoint or adapter: its weight and config files' names, sizes and mtimes."""
+    if not directory or not os.path.isdir(directory):
+        return directory
+    return sorted(
+        (name, stat.st_size, stat.st_mtime_ns)
+        for name in os.listdir(directory)
+        if name.endswith((".pdparams", ".safetensors", ".json")) and not name.startswith(".")
+        for stat in [os.stat(os.path.join(directory, name))]
+    )
+
+
+def output_fingerprint(args: PredictArguments, generation_args: GenerationArguments) -> dict:
+    """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
+    with open(args.data_file, "rb") as f:
+        data_sha256 = hashlib.sha256(f.read()).hexdigest()
+    model = args.model_name_or_path or DEFAULT_MODEL
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_file", "overwrite_output", "batch_size", "force")}
+    fingerprint = {
+        "data_file_sha256": data_sha256,
+        "model": [os.path.abspath(model), _files_signature(model)],
+        "lora": [args.lora_path and os.path.abspath(args.lora_path), _files_signature(args.lora_path)],
+        "settings": dict(settings, **asdict(generation_args)),
+    }
+    return json.loads(json.dumps(fingerprint))  # as read back from the sidecar (tuples become lists)
+
+
+def resumable_rows(partial: str, fingerprint: dict, overwrite: bool) -> int:
+    """Rows of `partial` made from the same inputs; a partial made from other ones is refused or removed."""
+    sidecar = partial + ".json"
+    if os.path.exists(partial):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != fingerprint:
+            differing = [key for key in fingerprint if not recorded or recorded.get(key) != fingerprint[key]]
+            if not overwrite:
+                raise UserError(
+                    f"{partial} was made from other inputs (differing: {', '.join(differing)}): rerun with the same "
+                    "ones to resume it, or with --overwrite_output to start afresh"
+                )
+            logger.info(f"Starting afresh: removing {partial} (made from other inputs; --overwrite_output)")
+            os.unlink(partial)
+    write_json_atomic(sidecar, fingerprint)
+    return _completed_rows(partial)
+
+
+def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict):
     dataset = read_rows(args.data_file, args.src_key, need_target=False, skip_bad_rows=args.skip_bad_rows)
     rows = dataset.rows
     partial = args.output_file + ".partial" if args.output_file else None
-    done = _completed_rows(partial) if partial else 0
+    done = resumable_rows(partial, fingerprint, args.overwrite_output) if partial else 0
     if done:
-        logger.info(f"Resuming: {done} of {len(rows)} rows already in {partial}")
+        logger.info(f"Resuming: {done} of {len(rows)} rows already in {partial}, made from the same inputs")
     output = open(partial, "a", encoding="utf-8") if partial else sys.stdout
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
@@ -125,9 +197,11 @@ def predict_file(predictor: Predictor, args: PredictArguments):
             output.flush()
             if partial:
                 os.fsync(output.fileno())
+                crash_point("predict:chunk-written")
     if partial:
         output.close()
         os.replace(partial, args.output_file)
+        os.unlink(partial + ".json")
         logger.info(f"Wrote {len(rows)} predictions to {args.output_file}")
 
 
@@ -145,17 +219,29 @@ def _completed_rows(partial: str) -> int:
 
 
 def predict_stdin(predictor: Predictor, args: PredictArguments):
-    interactive = sys.stdin.isatty()
+    """A prompt per line; an --output_file is replaced only once every line has its prediction."""
+    if args.output_file:
+        with atomic_file(args.output_file) as output:
+            _predict_lines(predictor, output, interactive=False)
+    else:
+        _predict_lines(predictor, sys.stdout, interactive=sys.stdin.isatty())
+
+
+def _predict_lines(predictor: Predictor, output, interactive: bool):
     if interactive:
         print("Type a prompt (a blank is [MASK], [sMASK] or [gMASK]; none means generate after it). Ctrl-D ends.")
-    output = open(args.output_file, "w", encoding="utf-8") if args.output_file else sys.stdout
+    number = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        number += 1
+        if not raw:
             break
-        text = line.strip()
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise DataError(f"stdin:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
         if not text:
             continue
         fields = predictor.predict([text])[0]
@@ -188,11 +274,20 @@ def parse_arguments(argv):
 
 
 def main(argv=None):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+    with exit_on_user_error(DataError, TokenizerError, CheckpointError, AdapterError):
         args, generation_args = parse_arguments(argv)
+        if args.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")
+        if args.output_file:
+            check_output_file(args.output_file)
+        fingerprint = None
+        if args.data_file and args.output_file:
+            if not os.path.isfile(args.data_file):
+                raise DataError(f"{args.data_file}: no such file")
+            fingerprint = output_fingerprint(args, generation_args)
         predictor = Predictor(args, generation_args)
         if args.data_file:
-            predict_file(predictor, args)
+            predict_file(predictor, args, fingerprint)
         else:
             predict_stdin(predictor, args)
 

@@ -1,14 +1,16 @@
 """The finetuning driver shared by the entry scripts (finetune_generation.py, and later task scripts).
 
 One implementation of what every finetune run needs: a recipe JSON followed by overriding flags, half
-precision where Paddle has the kernels, resuming from the last checkpoint, loading the model (with its
-length checks and LoRA), THUDM's decay-to-ratio schedule, a resumable shuffle, checkpoint rotation in a
-single process, and a clean exit of data-parallel workers. A task script adds its data, its evaluation
+precision where Paddle has the kernels, resuming from the newest complete checkpoint, loading the model (with
+its length checks and LoRA), THUDM's decay-to-ratio schedule, a resumable shuffle, checkpoint rotation in
+a single process, crash safety (crash_safety.py: a lock, checkpoints and a final model that a kill never
+tears), a guard that stops at the first non-finite loss, and a clean exit of data-parallel workers. A task script adds its data, its evaluation
 and its own argument dataclasses.
 """
 
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,14 +19,25 @@ from typing import List, Sequence
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
 from paddle.io import DistributedBatchSampler
-from paddlenlp.trainer import PdArgumentParser, Trainer, get_last_checkpoint
-from paddlenlp.trainer.trainer_utils import IntervalStrategy
+from paddlenlp.trainer import PdArgumentParser, Trainer
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from paddlenlp.utils.log import logger
 
+from crash_safety import (
+    STAGING,
+    acquire_lock,
+    check_writable,
+    checkpoint_problem,
+    newest_complete_checkpoint,
+    publish_checkpoint,
+    publish_final_model,
+    release_lock,
+    staging_dir,
+)
 from glm import GLMForConditionalGeneration
-from glm.lora import DEFAULT_LORA_TARGETS, apply_lora
-from glm.loading import load_model_and_tokenizer
-from utils import UserError, write_json_atomic
+from glm.lora import BASE_FINGERPRINT, DEFAULT_LORA_TARGETS, apply_lora, base_fingerprint
+from glm.loading import has_weights, load_model_and_tokenizer
+from utils import UserError, crash_point, write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,6 +80,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv):
     except ValueError as error:  # unknown flags, bad values
         raise UserError(str(error).splitlines()[0]) from None
     training_args = parsed[-1]
+    check_sizes(training_args)
     if not (training_args.do_train or training_args.do_eval):
         training_args.do_train = training_args.do_eval = True
     if "--evaluation_strategy" not in argv:
@@ -74,6 +88,12 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv):
         # (evaluation decodes or scores the whole dev set, which costs far more than a loss pass).
         training_args.evaluation_strategy = IntervalStrategy.NO
     return parsed
+
+
+def check_sizes(training_args):
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise UserError(f"--{name} must be at least 1; got {getattr(training_args, name)}")
 
 
 def resolve_amp(training_args):
@@ -89,14 +109,26 @@ def resolve_amp(training_args):
 
 
 def last_checkpoint_to_resume(training_args):
-    if training_args.resume_from_checkpoint or not training_args.do_train:
+    """The checkpoint to resume: --resume_from_checkpoint, else the newest complete one in --output_dir.
+    Before any loading, a training run also makes sure it can write --output_dir and takes its lock."""
+    if not training_args.do_train:
         return training_args.resume_from_checkpoint
     output_dir = training_args.output_dir
-    if not os.path.isdir(output_dir) or training_args.overwrite_output_dir:
+    with_optimizer = not training_args.ignore_save_lr_and_optim
+    if training_args.should_save:
+        check_writable(output_dir)
+        acquire_lock(output_dir)
+        shutil.rmtree(os.path.join(output_dir, STAGING), ignore_errors=True)  # what a killed run was writing
+    if training_args.resume_from_checkpoint:
+        problem = checkpoint_problem(training_args.resume_from_checkpoint, with_optimizer)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {problem}")
+        return training_args.resume_from_checkpoint
+    if training_args.overwrite_output_dir or not os.path.isdir(output_dir):  # other workers: not made yet
         return None
-    checkpoint = get_last_checkpoint(output_dir)
+    checkpoint = newest_complete_checkpoint(output_dir, with_optimizer, remove_incomplete=training_args.should_save)
     if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint} (--overwrite_output_dir to start afresh)")
+        logger.info(f"Resuming from {checkpoint}, the newest complete checkpoint (--overwrite_output_dir to start afresh)")
     elif [name for name in os.listdir(output_dir) if not name.startswith(".")]:
         raise UserError(f"{output_dir} is not empty and holds no checkpoint: use --overwrite_output_dir or another --output_dir")
     return checkpoint
@@ -116,6 +148,14 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
         if length > model.config.max_sequence_length:
             raise UserError(f"--{name} {length} exceeds the model's max_sequence_length {model.config.max_sequence_length}")
     if model_args.lora:
+        if model_args.lora_rank < 1:
+            raise UserError(f"--lora_rank must be at least 1; got {model_args.lora_rank}")
+        if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+            raise UserError(
+                f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
+                "reproduced to apply the adapter later; finetune it first (without --lora) and adapt that"
+            )
+        fingerprint = base_fingerprint(model_args.model_name_or_path, model.config)
         model = apply_lora(
             model,
             model_args.lora_rank,
@@ -124,6 +164,7 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
             model_args.lora_target_modules,
             base_model_name_or_path=model_args.model_name_or_path,
         )
+        model.base_fingerprint = fingerprint  # GLMTrainer writes it beside every saved adapter
         model.print_trainable_parameters()
     return model, tokenizer
 
@@ -148,13 +189,57 @@ class EpochSeededBatchSampler(DistributedBatchSampler):
         super().set_epoch(self.seed + epoch)
 
 
+class TrainingDiverged(UserError):
+    """A non-finite loss or weights: training stops before anything non-finite is saved."""
+
+
 class GLMTrainer(Trainer):
-    """The PaddleNLP Trainer with THUDM's decay-to-ratio schedule, a resumable single-process shuffle and
-    checkpoint rotation outside paddle.distributed.launch. Task trainers subclass it for evaluation."""
+    """The PaddleNLP Trainer with THUDM's decay-to-ratio schedule, a resumable single-process shuffle,
+    checkpoints that appear only when complete (rotated outside paddle.distributed.launch too) and a stop
+    at the first non-finite loss. Task trainers subclass it for evaluation."""
 
     def __init__(self, *args, lr_decay_ratio, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr_decay_ratio = lr_decay_ratio
+        self.last_finite_loss = None  # (step, loss)
+        save = self._save_ckpt_func
+
+        def save_then_crash_point(obj, path, *args, **kwargs):
+            save(obj, path, *args, **kwargs)
+            crash_point(f"saved:{os.path.basename(path)}")
+            crash_point(f"torn:{os.path.basename(path)}", torn_file=path)
+
+        self._save_ckpt_func = save_then_crash_point  # the weights and optimizer files of every save
+
+    def training_step(self, model, inputs):
+        # The loss, not the gradients: with fp16 dynamic loss scaling, steps the scaler skips for inf
+        # gradients are normal and keep a finite loss. One host sync per step is the price.
+        loss = super().training_step(model, inputs)
+        step = self.state.global_step + 1
+        value = float(loss) * max(1, self.args.gradient_accumulation_steps)
+        if not math.isfinite(value):
+            last = f"the last finite loss was {self.last_finite_loss[1]:.4g} at step {self.last_finite_loss[0]}" \
+                if self.last_finite_loss else "no step before it had a finite loss"
+            raise TrainingDiverged(
+                f"the loss became {value} at step {step} ({last}); nothing was saved from this step on. "
+                "Try a lower --learning_rate (on a GPU with fp16: bf16, or a smaller --scale_loss)"
+            )
+        self.last_finite_loss = (step, value)
+        return loss
+
+    def check_finite_weights(self):
+        for name, param in self.model.named_parameters():
+            if not bool(paddle.isfinite(param).all()):
+                raise TrainingDiverged(
+                    f"parameter {name} holds non-finite values at step {self.state.global_step}; not saving it. "
+                    "Try a lower --learning_rate (on a GPU with fp16: bf16, or a smaller --scale_loss)"
+                )
+
+    def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
+        super()._save(output_dir, state_dict, merge_tensor_parallel)
+        fingerprint = getattr(self.model, "base_fingerprint", None)
+        if fingerprint is not None and self.args.should_save:
+            write_json_atomic(os.path.join(output_dir or self.args.output_dir, BASE_FINGERPRINT), fingerprint)
 
     def create_scheduler(self, num_training_steps: int):
         schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
@@ -183,11 +268,31 @@ class GLMTrainer(Trainer):
         )
 
     def _save_checkpoint(self, model, metrics=None):
-        super()._save_checkpoint(model, metrics)
-        # PaddleNLP rotates checkpoints only when local_rank == 0, which a single process (-1) never is,
-        # so --save_total_limit would be ignored outside paddle.distributed.launch.
-        if self.args.local_rank == -1 and self.args.should_save:
-            self._rotate_checkpoints(use_mtime=True, output_dir=self.args.output_dir)
+        # PaddleNLP writes checkpoint-N in place, trainer_state.json before the RNG state, and its
+        # get_last_checkpoint takes the highest number: a kill mid-save blocked or silently reset every
+        # rerun. The whole checkpoint is written under .staging and renamed once complete.
+        self.check_finite_weights()
+        run_dir = self.args.output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING)
+        if self.args.should_save:
+            staging_dir(run_dir, name)
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, metrics)
+        finally:
+            self.args.output_dir = run_dir
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if self.args.should_save:
+            paddle.save(self.args, os.path.join(staged, "training_args.bin"))  # with the real output_dir
+            publish_checkpoint(staged, final)
+            # PaddleNLP rotates only when local_rank == 0 (never in a single process), and here it
+            # would rotate inside .staging.
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
 
 
 def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_training=False, extra_files=None):
@@ -201,11 +306,10 @@ def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_tr
         untrained = trainer.evaluate(metric_key_prefix="untrained")
         trainer.save_metrics("untrained", untrained)
     if args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
         if args.should_save:
-            for name, value in (extra_files or {}).items():
-                write_json_atomic(os.path.join(args.output_dir, name), value)
+            check_free_space(trainer.model, args.output_dir)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        save_final_model(trainer, extra_files or {})
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -213,7 +317,37 @@ def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_tr
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    release_lock(args.output_dir)
     return trainer
+
+
+def save_final_model(trainer, extra_files):
+    """The model and `extra_files` written whole under .staging, then moved into --output_dir."""
+    args = trainer.args
+    trainer.check_finite_weights()
+    staged = os.path.join(args.output_dir, STAGING, "final")
+    if args.should_save:
+        staging_dir(args.output_dir, "final")
+    trainer.save_model(staged)
+    if args.should_save:
+        for name, value in extra_files.items():
+            write_json_atomic(os.path.join(staged, name), value)
+        crash_point("final:before-rename")
+        publish_final_model(staged, args.output_dir)
+
+
+def check_free_space(model, output_dir):
+    """Fail before training when a checkpoint (weights + two Adam moments of the trained ones) and the
+    final model cannot fit on the disk of `output_dir`."""
+    weights = sum(p.numel().item() * p.element_size() for p in model.parameters())
+    moments = sum(2 * 4 * p.numel().item() for p in model.parameters() if not p.stop_gradient)
+    needed = 2 * weights + moments
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise UserError(
+            f"--output_dir {output_dir}: {free / 2**20:.0f} MiB free, a checkpoint and the final model need "
+            f"about {needed / 2**20:.0f} MiB"
+        )
 
 
 def finish(trainer):
@@ -222,6 +356,7 @@ def finish(trainer):
         # Data-parallel CPU workers can abort in interpreter teardown after finishing (gloo): leave
         # together and skip the teardown once everything is written.
         paddle.distributed.barrier()
+        release_lock(trainer.args.output_dir)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

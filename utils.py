@@ -11,7 +11,10 @@ from typing import Dict, Iterable, List, Optional
 
 from glm.generation import GenerationConfig
 
-__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "generation_metrics", "write_jsonl_atomic", "write_json_atomic", "exit_on_user_error", "UserError"]
+__all__ = [
+    "GenerationArguments", "GENERATION_SETTINGS", "generation_metrics", "write_jsonl_atomic", "write_json_atomic",
+    "atomic_file", "current_umask", "exit_on_user_error", "UserError", "crash_point", "CRASH_AT_VARIABLE",
+]  # fmt: skip
 
 
 class UserError(Exception):
@@ -90,17 +93,20 @@ def generation_metrics(predictions: List[str], references: List[str]) -> Dict[st
         totals["rougeL"] += scores["rouge-l"]["f"]
     count = max(len(predictions), 1)
     metrics = {name: round(100 * value / count, 4) for name, value in totals.items()}
-    metrics["bleu4"] = round(100 * bleu.score(), 4) if predictions else 0.0
+    # PaddleNLP's BLEU divides by the hypothesis length: all predictions empty (a diverged model) score 0.
+    scorable = any(_segment(prediction) for prediction in predictions)
+    metrics["bleu4"] = round(100 * bleu.score(), 4) if scorable else 0.0
     return metrics
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str):
+def atomic_file(path: str):
     """A temporary file beside `path`, renamed onto it only when writing succeeded."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; others must read our outputs
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             yield f
         os.replace(temporary, path)
@@ -109,14 +115,20 @@ def _atomic_file(path: str):
         raise
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl_atomic(path: str, rows: Iterable[dict]):
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def write_json_atomic(path: str, value):
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         json.dump(value, f, ensure_ascii=False, indent=2)
 
 
@@ -128,3 +140,28 @@ def exit_on_user_error(*error_types):
     except (UserError,) + tuple(error_types) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+# Fault injection for tests/test_faults.py: GLM_PADDLE_CRASH_AT=NAME (or NAME#N, the N-th time) makes
+# the process SIGKILL itself when it reaches crash_point(NAME); a deterministic kill, not a timed one.
+CRASH_AT_VARIABLE = "GLM_PADDLE_CRASH_AT"
+_crash_counts: Dict[str, int] = {}
+
+
+def crash_point(name: str, torn_file: Optional[str] = None):
+    """Kill this process here if the environment asks for it; `torn_file` is first cut to half its size
+    (a write interrupted midway)."""
+    wanted = os.environ.get(CRASH_AT_VARIABLE)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("#")
+    if point != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] < int(nth or 1):
+        return
+    if torn_file is not None:
+        os.truncate(torn_file, os.path.getsize(torn_file) // 2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), 9)

@@ -94,14 +94,25 @@ def read_safetensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     Read from the documented layout (u64 header length, JSON header, data) rather than with the
     `safetensors` package, whose numpy API cannot return bfloat16.
     """
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
         header_length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_length))
+        if 8 + header_length > size:
+            raise ConversionError(f"{path}: truncated or not a safetensors file (a {header_length}-byte header in {size} bytes)")
+        try:
+            header = json.loads(file.read(header_length))
+        except ValueError:
+            raise ConversionError(f"{path}: not a safetensors file (its header is not JSON)") from None
     header.pop("__metadata__", None)
     for name, entry in header.items():
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise ConversionError(f"{path}: tensor {name} has dtype {entry['dtype']}, which GLM weights never use")
         start, end = entry["data_offsets"]
+        if 8 + header_length + end > size:
+            raise ConversionError(
+                f"{path}: truncated: tensor {name} ends at byte {8 + header_length + end}, the file has {size} "
+                "(an interrupted download or copy?)"
+            )
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_length + start, shape=(end - start,))
         array = np.array(data.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"]))
         yield name, _bfloat16_to_float32(array) if entry["dtype"] == "BF16" else array
@@ -169,6 +180,12 @@ class _TorchUnpickler(pickle.Unpickler):
 def read_torch_bin(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     """(name, array) for each tensor of a `torch.save`d state dict (zip format, torch >= 1.6), one at a time."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            magic = file.read(4)
+        if magic == b"PK\x03\x04":  # a zip whose end (the central directory) is missing
+            raise ConversionError(f"{path}: truncated (a torch zip checkpoint without its end; an interrupted download or copy?)")
+        if not magic.startswith(b"\x80"):  # every torch pickle starts with the PROTO opcode
+            raise ConversionError(f"{path}: not a torch checkpoint")
         raise ConversionError(
             f"{path}: not a torch zip checkpoint (the legacy format of torch < 1.6 is not read); "
             "re-save it with a recent torch or as safetensors"

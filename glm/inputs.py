@@ -50,7 +50,7 @@ class GLMInputBuilder:
 
     src_length bounds the source side including [CLS], the mask token and <|endoftext|>; the source text
     is cut on the right to fit. tgt_length bounds the target side (<|startofpiece|> + target, equally
-    target + <|endofpiece|>). A source that already holds [MASK]/[sMASK]/[gMASK] keeps its blanks;
+    target + <|endofpiece|>); a cut target keeps no <|endofpiece|> (THUDM). A source that already holds [MASK]/[sMASK]/[gMASK] keeps its blanks;
     otherwise `mask_token` is appended.
     """
 
@@ -88,15 +88,17 @@ class GLMInputBuilder:
         if target is None:
             return GLMExample(input_ids, [positions, blocks], source_length, source_truncated=source_truncated)
 
-        target_ids = self.tokenize(target)
-        target_truncated = len(target_ids) > self.tgt_length - 1
-        target_ids = target_ids[: self.tgt_length - 1]
-        target_length = len(target_ids) + 1  # sop + target on the input side; target + eop as labels
+        # THUDM's cut, (target + [eop])[:tgt_length]: a target that does not fit loses its eop, so the
+        # model is never taught to stop mid-sentence at the length cap.
+        target_labels = self.tokenize(target) + [self.ids.eop]
+        target_truncated = len(target_labels) > self.tgt_length
+        target_labels = target_labels[: self.tgt_length]
+        target_length = len(target_labels)  # sop + target on the input side, shifted one as labels
         return GLMExample(
-            input_ids=input_ids + [self.ids.sop] + target_ids,
+            input_ids=input_ids + [self.ids.sop] + target_labels[:-1],
             position_ids=[positions + [mask_position] * target_length, blocks + list(range(1, target_length + 1))],
             sep=source_length,
-            labels=[IGNORE_INDEX] * source_length + target_ids + [self.ids.eop],
+            labels=[IGNORE_INDEX] * source_length + target_labels,
             loss_mask=[0] * source_length + [1] * target_length,
             source_truncated=source_truncated,
             target_truncated=target_truncated,

@@ -4,8 +4,10 @@ A directory holds config.json, the tokenizer files and, once trained, model_stat
 default ships without weights: a directory with a config but no weights starts from random init.
 """
 
+import contextlib
 import os
 
+import paddle
 from paddlenlp.utils.log import logger
 
 from .configuration import BUILTIN_CHECKPOINTS, GLMConfig
@@ -41,11 +43,62 @@ def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, *
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
     if has_weights(path):
-        return model_class.from_pretrained(path, dtype=dtype, **config_overrides)
+        return from_pretrained_strictly(model_class, path, dtype=dtype, **config_overrides)
     config = GLMConfig.from_pretrained(path, **config_overrides)
     logger.info(f"{path} holds no weights: initialising GLM ({config.num_layers} layers) from its config.json")
     model = model_class(config)
     return model.to(dtype=dtype) if dtype else model
+
+
+@contextlib.contextmanager
+def _loading_report(model_class, found: list):
+    """Collects the (missing, unexpected, mismatched) keys PaddleNLP's from_pretrained only logs."""
+    saved = vars(model_class).get("_load_pretrained_model")  # None when inherited
+    original = model_class._load_pretrained_model
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        found.append(result[1:4])
+        return result
+
+    model_class._load_pretrained_model = staticmethod(recording)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model_class._load_pretrained_model
+        else:
+            model_class._load_pretrained_model = saved
+
+
+def from_pretrained_strictly(model_class, path: str, **kwargs):
+    """`model_class.from_pretrained(path)`, any GLM class, where PaddleNLP only warns about parameters
+    the weights lack (they stay random), hold in excess or hold in another shape: a CheckpointError naming
+    the first few; an unreadable (e.g. truncated) weights file is one line too."""
+    found = []
+    with _loading_report(model_class, found):
+        try:
+            model = model_class.from_pretrained(path, **kwargs)
+        except Exception as error:  # noqa: BLE001  (a torn pickle or safetensors raises many kinds)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:  # shapes that differ
+                raise CheckpointError(f"{path}: config.json and the weights do not fit: {lines[1][:300]}") from None
+            first = lines[0]
+            raise CheckpointError(f"{path}: cannot read its weights ({type(error).__name__}: {first[:200]})") from None
+    missing, unexpected, mismatched = found[-1] if found else ([], [], [])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} parameters missing from the weights ({', '.join(sorted(missing)[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected in the weights ({', '.join(sorted(unexpected)[:3])})")
+    if mismatched:
+        problems.append("shapes differ: " + ", ".join(f"{k} {list(a)} in the weights vs {list(b)}" for k, a, b in mismatched[:3]))
+    if problems:
+        raise CheckpointError(f"{path}: config.json and the weights do not fit: {'; '.join(problems)}")
+    broken = next((name for name, param in model.named_parameters() if not bool(paddle.isfinite(param).all())), None)
+    if broken:  # a diverged run's weights decode to empty strings: say so instead
+        raise CheckpointError(f"{path}: parameter {broken} holds NaN or inf (saved by a run that diverged)")
+    return model
 
 
 def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):

@@ -92,3 +92,39 @@ def test_cut_rows_are_counted_once(tmp_path, caplog):
     err = caplog.text
     assert err.count("3 of 6 sources cut to src_length=6") == 1
     assert err.count("3 of 6 targets cut to tgt_length=4") == 1
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + row(src="a", tgt="b").encode() + b"\n")
+    assert read_rows(str(path)).rows == [{"src": "a", "tgt": "b"}]
+
+
+def test_a_whitespace_only_file_is_called_so(tmp_path):
+    (tmp_path / "train.json").write_bytes(b"  \n\t\n")
+    with pytest.raises(DataError, match=r"^train.json: no usable rows \(the file holds only whitespace\)$"):
+        read_rows(str(tmp_path / "train.json"))
+
+
+def test_a_split_that_is_a_directory_is_called_so(tmp_path):
+    (tmp_path / "train.json").mkdir()
+    with pytest.raises(DataError, match=r"train.json is a directory, not a JSON Lines file"):
+        find_split_file(str(tmp_path), "train")
+
+
+def test_a_json_array_file_is_read_as_its_items(tmp_path, caplog):
+    (tmp_path / "train.json").write_text(json.dumps([{"src": "a", "tgt": "b"}, {"src": "c", "tgt": "d"}], indent=2))
+    assert read_rows(str(tmp_path / "train.json")).rows == [{"src": "a", "tgt": "b"}, {"src": "c", "tgt": "d"}]
+    assert "one JSON array, not JSON Lines" in caplog.text
+    (tmp_path / "train.json").write_text('[{"src": "a", "tgt": "b"},\n{"src": "c"')  # a broken array
+    with pytest.raises(DataError, match=r"train.json:1: not valid JSON .*expected JSON Lines, one object per line"):
+        read_rows(str(tmp_path / "train.json"))
+    (tmp_path / "train.json").write_text('[{"src": "a", "tgt": "b"}, 3]')
+    with pytest.raises(DataError, match=r"train.json: item 2: expected a JSON object, got int"):
+        read_rows(str(tmp_path / "train.json"))
+
+
+def test_the_share_of_unknown_tokens_is_reported_once(tmp_path, caplog):
+    path = write_lines(tmp_path / "train.json", [row(src="a?", tgt="x"), row(src="ab", tgt="y?")])
+    build_examples(read_rows(path), GLMInputBuilder(CharTokenizer(), src_length=8, tgt_length=4))
+    assert caplog.text.count("train.json: 2 of 15 tokens (13.33%) are unknown") == 1

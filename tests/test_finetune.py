@@ -34,6 +34,16 @@ def micro_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def micro_weights_model(micro_model, tmp_path_factory):
+    """The micro GLM with random weights saved: a base LoRA can be trained on (and verified against)."""
+    path = tmp_path_factory.mktemp("micro-glm-weights")
+    shutil.copytree(micro_model, path, dirs_exist_ok=True)
+    paddle.seed(11)
+    GLMForConditionalGeneration(GLMConfig.from_pretrained(micro_model)).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def micro_data(tmp_path_factory):
     """48 training and 6 dev rows of the demo data."""
     path = tmp_path_factory.mktemp("micro-data")
@@ -119,9 +129,9 @@ def test_fp16_on_cpu_warns_and_trains_in_float32(micro_model, micro_data, tmp_pa
     assert not trainer.args.fp16 and trainer.model.glm.word_embeddings.weight.dtype == paddle.float32
 
 
-def test_lora_flags_and_only_adapters_saved(micro_model, micro_data, tmp_path):
+def test_lora_flags_and_only_adapters_saved(micro_weights_model, micro_data, tmp_path):
     run(
-        micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "2", "--lora", "true", "--lora_rank", "4",
+        micro_weights_model, micro_data, tmp_path, "--do_train", "--max_steps", "2", "--lora", "true", "--lora_rank", "4",
         "--lora_alpha", "8", "--lora_target_modules", ".*query_key_value.*", ".*mlp.*",
     )  # fmt: skip
     config = json.loads((tmp_path / "lora_config.json").read_text())
@@ -131,6 +141,15 @@ def test_lora_flags_and_only_adapters_saved(micro_model, micro_data, tmp_path):
     assert (tmp_path / "lora_model_state.pdparams").exists() and not (tmp_path / "model_state.pdparams").exists()
     saved = paddle.load(str(tmp_path / "lora_model_state.pdparams"))
     assert saved and all("lora_" in name for name in saved)
+    fingerprint = json.loads((tmp_path / "base_fingerprint.json").read_text())
+    assert fingerprint["config"]["hidden_size"] == 32 and len(fingerprint["weights_sha256"]) == 64
+
+
+def test_lora_on_a_base_without_weights_is_refused(micro_model, micro_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "2", "--lora", "true")
+    assert exit_info.value.code == 2
+    assert "holds no weights" in capsys.readouterr().err and not (tmp_path / "lora_config.json").exists()
 
 
 class StopAfterSave(TrainerCallback):

@@ -63,9 +63,18 @@ def test_source_is_cut_on_the_right_keeping_special_tokens():
     builder = GLMInputBuilder(CharTokenizer(), src_length=6, tgt_length=3)
     example = builder.build("abcabc", "xyxy")
     assert example.input_ids[:6] == [10, 1, 2, 3, 14, 11]  # a b c kept: the right is cut
-    assert example.input_ids[6:] == [15, 4, 5]  # target cut to tgt_length - 1 tokens + sop
-    assert example.labels[6:] == [4, 5, 16]  # the closing eop is always predicted
+    assert example.input_ids[6:] == [15, 4, 5]  # sop + the first tgt_length - 1 target tokens
+    assert example.labels[6:] == [4, 5, 4]  # THUDM's (target + [eop])[:tgt_length]: a cut target has no eop
     assert example.source_truncated and example.target_truncated
+
+
+def test_target_cut_follows_thudm_and_a_fitting_target_keeps_its_eop():
+    builder = GLMInputBuilder(CharTokenizer(), src_length=6, tgt_length=3)
+    fits = builder.build("ab", "xy")  # x y eop is exactly tgt_length
+    assert fits.labels[-3:] == [4, 5, 16] and not fits.target_truncated
+    cut = builder.build("ab", "xyx")  # x y x eop: one too many, the eop goes
+    assert cut.labels[-3:] == [4, 5, 4] and cut.input_ids[-3:] == [15, 4, 5] and cut.target_truncated
+    assert len(cut.labels) == len(cut.input_ids) == len(cut.loss_mask)
 
 
 @pytest.mark.parametrize("mask_token, mask_id", [("[MASK]", 12), ("[sMASK]", 13), ("[gMASK]", 14)])

@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_config_kwargs
 from test_modeling import glm_inputs, relative_error, train_steps
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.lora import apply_lora
+from glm.lora import AdapterError, apply_lora
 from glm.lora_merge import LoRAMergeError, merge_lora_checkpoint
 
 TARGETS = [".*query_key_value.*", ".*attention.dense.*", ".*mlp.*"]
@@ -97,8 +97,8 @@ def test_bfloat16_adapter_merges_on_cpu_in_float32(tmp_path):
 @pytest.mark.parametrize(
     "overrides, drop_adapter_config, message",
     [
-        (dict(hidden_size=64), False, r"a different GLM than the base: hidden_size 32 \(adapter\) vs 64 \(base\)"),
-        (dict(num_layers=3), False, r"a different GLM than the base: num_layers 2 \(adapter\) vs 3 \(base\)"),
+        (dict(hidden_size=64), False, r"a different GLM: hidden_size 32 \(adapter's base\) vs 64 \(this base\)"),
+        (dict(num_layers=3), False, r"a different GLM: num_layers 2 \(adapter's base\) vs 3 \(this base\)"),
         # Without the base config.json LoRAModel.save_pretrained writes beside the adapter: weights decide.
         (dict(hidden_size=64), True, r"holds .*query_key_value.lora_A of shape \[32, 4\], the base needs \[64, 4\]"),
         (dict(num_layers=3), True, "has no glm.transformer.layers.2.attention.query_key_value.lora_A"),
@@ -110,7 +110,7 @@ def test_adapter_on_a_different_base_fails_clearly(tmp_path, base_and_adapter, o
     if drop_adapter_config:
         os.remove(adapter / "config.json")
     save_base(tmp_path / "other", **overrides)
-    with pytest.raises(LoRAMergeError, match=message) as error:
+    with pytest.raises(AdapterError, match=message) as error:
         merge_lora_checkpoint(str(tmp_path / "other"), str(adapter), str(tmp_path / "merged"))
     assert "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "merged")
@@ -120,7 +120,7 @@ def test_missing_adapter_files_fail_clearly(tmp_path, base_and_adapter):
     base, adapter, _ = base_and_adapter
     shutil.copytree(adapter, tmp_path / "no_weights")
     os.remove(tmp_path / "no_weights" / "lora_model_state.pdparams")
-    with pytest.raises(LoRAMergeError, match="no lora_model_state.pdparams"):
+    with pytest.raises(AdapterError, match="no lora_model_state.pdparams"):
         merge_lora_checkpoint(str(base), str(tmp_path / "no_weights"), str(tmp_path / "merged"))
     with pytest.raises(LoRAMergeError, match="no config.json"):
         merge_lora_checkpoint(str(tmp_path / "nowhere"), str(adapter), str(tmp_path / "merged"))

@@ -2,11 +2,17 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
+import paddle
 import pytest
+from conftest import ROOT
 from test_finetune import cli, micro_data, micro_model, run  # noqa: F401  (fixtures)
 
 import predict_generation
+from glm import GLMConfig, GLMForConditionalGeneration
 from glm.lora_merge import merge_lora_checkpoint
 
 
@@ -58,17 +64,40 @@ def test_lora_adapter_changes_the_output_and_equals_the_merged_model(trained, mi
     assert [r["prediction"] for r in adapted] == [r["prediction"] for r in merged]
 
 
-def test_a_partial_output_is_resumed(trained, micro_data, tmp_path):  # noqa: F811
+def test_a_partial_output_is_resumed_only_from_the_same_inputs(trained, micro_data, tmp_path):  # noqa: F811
     base, _ = trained
     data = os.path.join(micro_data, "dev.json")
-    first = json.loads(open(data, encoding="utf-8").readline())
     output = tmp_path / "out.jsonl"
-    kept = dict(first, prediction="KEPT FROM THE KILLED RUN")
+    whole = predict("--model_name_or_path", base, data_file=data, output_file=tmp_path / "whole.jsonl")
+    # What a killed run leaves: its sidecar, the first rows and a torn last line.
+    fingerprint = predict_generation.output_fingerprint(
+        *predict_generation.parse_arguments(["--min_tgt_length", "3", "--tgt_length", "12", "--num_beams", "2",
+                                             "--model_name_or_path", base, "--data_file", data, "--output_file", str(output)])
+    )  # fmt: skip
+    (tmp_path / "out.jsonl.partial.json").write_text(json.dumps(fingerprint))
+    kept = dict(whole[0], prediction="KEPT FROM THE KILLED RUN")
     (tmp_path / "out.jsonl.partial").write_text(json.dumps(kept, ensure_ascii=False) + '\n{"content": "torn', encoding="utf-8")
+    with pytest.raises(SystemExit):  # another flag than the killed run's: refused, the partial file kept
+        predict("--model_name_or_path", base, "--num_return_sequences", "2", data_file=data, output_file=output)
+    assert (tmp_path / "out.jsonl.partial").exists() and not output.exists()
     rows = predict("--model_name_or_path", base, data_file=data, output_file=output)
     assert rows[0]["prediction"] == "KEPT FROM THE KILLED RUN"  # not decoded again
-    assert len(rows) == 6 and all(r["prediction"] for r in rows)
-    assert not (tmp_path / "out.jsonl.partial").exists()
+    assert rows[1:] == whole[1:]
+    assert not (tmp_path / "out.jsonl.partial").exists() and not (tmp_path / "out.jsonl.partial.json").exists()
+
+
+def test_a_partial_output_from_another_input_file_is_refused_or_overwritten(trained, micro_data, tmp_path, capsys):  # noqa: F811
+    base, _ = trained
+    data = os.path.join(micro_data, "dev.json")
+    (tmp_path / "other.json").write_text(open(data, encoding="utf-8").readline(), encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.partial").write_text('{"content": "from another file", "prediction": "x"}\n')
+    message = "out.jsonl.partial was made from other inputs (differing: data_file_sha256, model, lora, settings)"
+    with pytest.raises(SystemExit) as exit_info:
+        predict("--model_name_or_path", base, data_file=tmp_path / "other.json", output_file=output)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    rows = predict("--model_name_or_path", base, "--overwrite_output", "true", data_file=tmp_path / "other.json", output_file=output)
+    assert len(rows) == 1 and rows[0]["content"] != "from another file"
 
 
 def test_several_blanks_are_filled_and_shown(trained, tmp_path):
@@ -95,6 +124,9 @@ def test_stdin_prompts_one_per_line(trained):
         (["--model_name_or_path", "{tmp}/none"], "no such model directory"),
         (["--data_file", "{tmp}/missing.json"], "missing.json: no such file"),
         (["--lora_path", "{tmp}"], "no lora_config.json"),
+        (["--batch_size", "0"], "--batch_size must be at least 1; got 0"),
+        (["--output_file", "{tmp}"], "is a directory; give a file name"),
+        (["--output_file", "{tmp}/no/such/out.jsonl"], "no such directory"),
         (["--dtype", "bfloat16"], "needs a GPU"),
         (["--tgt_length", "500"], "exceeds the model's max_sequence_length"),
         (["--decode_strategy", "beam"], "decode_strategy must be one of"),
@@ -108,3 +140,62 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, flags, mess
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+def test_stdin_never_truncates_an_existing_output_and_non_utf8_is_one_line(trained, tmp_path):
+    base, _ = trained
+    output = tmp_path / "out.jsonl"
+    output.write_text("EARLIER RESULTS\n")
+    result = subprocess.run(
+        [sys.executable, "predict_generation.py", "--model_name_or_path", base, "--num_beams", "2", "--tgt_length", "8",
+         "--output_file", str(output)],
+        input="类型#裙\n".encode() + b"\xff\xfe bad\n", capture_output=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    )  # fmt: skip
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert result.stderr.decode().strip().splitlines()[-1] == "error: stdin:2: not UTF-8 (byte 0xff at column 1)"
+    assert output.read_text() == "EARLIER RESULTS\n"  # nothing replaced without a complete result
+
+
+def adapter_copy(adapter, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(adapter, copy)
+    return copy
+
+
+def test_adapter_refusals(trained, micro_data, tmp_path, capsys):  # noqa: F811
+    base, adapter = trained
+    data = os.path.join(micro_data, "dev.json")
+
+    def refused(model, lora, message, *flags):
+        with pytest.raises(SystemExit) as exit_info:
+            predict("--model_name_or_path", str(model), "--lora_path", str(lora), *flags, data_file=data, output_file=tmp_path / "o.jsonl")
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+
+    no_weights = adapter_copy(adapter, tmp_path, "no_weights")
+    os.remove(no_weights / "lora_model_state.pdparams")
+    refused(base, no_weights, "no lora_model_state.pdparams")
+
+    wider = tmp_path / "wider"  # another base: hidden 64 instead of 32
+    shutil.copytree(base, wider, ignore=shutil.ignore_patterns("checkpoint-*", "*.pdparams"))
+    config = json.loads((wider / "config.json").read_text())
+    config.update(hidden_size=64)
+    GLMForConditionalGeneration(GLMConfig(**{k: v for k, v in config.items() if k != "architectures"})).save_pretrained(str(wider))
+    refused(wider, adapter, "trained on a different GLM: hidden_size 32 (adapter's base) vs 64 (this base)")
+
+    twin = tmp_path / "twin"  # same shapes, other weights
+    shutil.copytree(base, twin, ignore=shutil.ignore_patterns("checkpoint-*"))
+    state = paddle.load(str(twin / "model_state.pdparams"))
+    state = {name: value + 0.01 for name, value in state.items()}
+    paddle.save(state, str(twin / "model_state.pdparams"))
+    refused(twin, adapter, "was trained on another base than")
+    rows = predict("--model_name_or_path", str(twin), "--lora_path", adapter, "--force", "true", data_file=data,
+                   output_file=tmp_path / "forced.jsonl")  # fmt: skip
+    assert len(rows) == 6
+    merged = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "merge_lora.py"), "--model_name_or_path", str(twin),
+         "--lora_path", adapter, "--output_dir", str(tmp_path / "merged")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert merged.returncode == 2 and "was trained on another base than" in merged.stderr.strip().splitlines()[-1]
