@@ -29,6 +29,8 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
     """Writes the picture to `path` (atomically); False when the run logged no training loss. `labels`
     names the metrics ({metric: legend}); by default their keys."""
     train = [entry for entry in log_history if "loss" in entry and "step" in entry]
+    if not train:  # fewer steps than logging_steps: only the run's mean loss, at its last step
+        train = [dict(step=entry["step"], loss=entry["train_loss"]) for entry in log_history if "train_loss" in entry]
     if not train:
         return False
     evaluations = evaluation_points(log_history, untrained)
@@ -39,7 +41,7 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
     FigureCanvasAgg(figure)
     loss_axis = figure.add_subplot(1, 2 if several else 1, 1)
     steps = [entry["step"] for entry in train]
-    lines = loss_axis.plot(steps, [entry["loss"] for entry in train], color="tab:blue", label="training loss")
+    lines = loss_axis.plot(steps, [entry["loss"] for entry in train], ".-", color="tab:blue", label="training loss")
     evaluated_loss = [(step, metrics["loss"]) for step, metrics in evaluations if "loss" in metrics]
     if evaluated_loss:
         lines += loss_axis.plot(*zip(*evaluated_loss), "o--", color="tab:red", label="eval loss")
