@@ -192,3 +192,17 @@ def test_installed_package_runs_the_readme_snippet(default_job, tmp_path):
     assert "OMP_NUM_THREADS" not in result.stderr
     printed = result.stdout.strip().splitlines()
     assert printed and all(line.strip() for line in printed)  # one answer per prompt, as the README says
+
+
+def test_log_level_flags():
+    from paddlenlp.utils.log import logger
+
+    try:
+        console.configure_logging(["--output_dir", "x", "--log_level", "debug"])
+        assert logger.logger.level == 10  # the argument dump is a DEBUG record
+        console.configure_logging(["--log_level_replica", "debug"])  # rank 0: the main process's level
+        assert logger.logger.level == 30
+        with pytest.raises(console.UserError, match="--log_level/--log_level_replica must be one of"):
+            console.configure_logging(["--log_level", "loud"])
+    finally:
+        console.configure_logging([])
