@@ -8,6 +8,7 @@ default, as are colour codes and cursor movement when stderr is a file rather th
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from paddlenlp.trainer.trainer_callback import ProgressCallback
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
+from glm.loading import has_weights
 from utils import UserError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -90,7 +92,7 @@ def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> tqd
     terminal = sys.stderr.isatty()
     return tqdm(
         total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=terminal,
-        mininterval=0.1 if terminal else 30, position=None if terminal else 0,
+        mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 60, position=None if terminal else 0,
     )
 
 
@@ -110,6 +112,36 @@ class ConsoleProgress(ProgressCallback):
         if state.is_local_process_zero and self.training_bar is not None and "loss" in (logs or {}):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
         super().on_log(args, state, control, logs=logs, **kwargs)  # the per-step line, at --log_level info
+
+
+def describe_model(model_args, model) -> str:
+    """The header's model line: where it comes from, its size, and whether it starts untrained."""
+    config = model.config
+    parameters = sum(int(p.numel()) for p in model.parameters())
+    text = (f"{shown(model_args.model_name_or_path)}: GLM {config.num_layers} layers, hidden {config.hidden_size}, "
+            f"{parameters / 1e6:.1f}M parameters")
+    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+        text += ", random init (the directory holds no weights)"
+    if model_args.lora:
+        text += f", LoRA rank {model_args.lora_rank} on {' '.join(model_args.lora_target_modules)}"
+    return text
+
+
+def print_header(trainer, checkpoint, about: Dict[str, str]):
+    """What runs, after the recipe line: the task's lines, the schedule, the output directory."""
+    args = trainer.args
+    for label, text in about.items():
+        say(f"{label:<8} {text}")
+    if args.do_train and trainer.train_dataset is not None:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.dataset_world_size)
+        per_epoch = max(1, math.ceil(len(trainer.train_dataset) / batch))
+        steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        say(
+            f"train    {steps} steps of {batch} rows ({steps / per_epoch:.3g} epochs), learning rate "
+            f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {args.device}"
+            + (f", resuming {shown(checkpoint)}" if checkpoint else "")
+        )
+    say(f"output   {shown(args.output_dir)}")
 
 
 def model_metrics(metrics: Optional[dict], prefix: str) -> Dict[str, float]:
@@ -152,3 +184,17 @@ def output_files(output_dir: str) -> List[str]:
     lines = [f"Files in {shown(output_dir)}{os.sep}"]
     lines += [f"  {label:<12}{files}" for label, files in groups if files]
     return lines
+
+
+def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metric_labels, seconds: float):
+    """The untrained vs trained table, then where the files are."""
+    rows = {name: model_metrics(metrics, prefix)
+            for name, metrics, prefix in (("untrained", untrained, "untrained"), ("trained", trained, "eval"))
+            if metrics}
+    say()
+    for line in results_table(rows, metric_labels) if rows else []:
+        say(line)
+    minutes, seconds = divmod(round(seconds), 60)
+    say(f"\nDone in {minutes}:{seconds:02d}.")
+    for line in output_files(args.output_dir):
+        say(line)

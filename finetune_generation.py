@@ -20,7 +20,7 @@ import paddle
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import TrainingArguments, set_seed
 
-from console import progress_bar, shown
+from console import describe_model, progress_bar, shown
 from data import DataError, build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
@@ -30,7 +30,6 @@ from training import (
     ROOT,
     GLMTrainer,
     ModelArguments,
-    describe_model,
     finish,
     last_checkpoint_to_resume,
     load_for_training,

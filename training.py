@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
@@ -26,7 +26,7 @@ from paddlenlp.utils.log import logger
 
 import console
 from glm.lora import DEFAULT_LORA_TARGETS, apply_lora
-from glm.loading import has_weights, load_model_and_tokenizer
+from glm.loading import load_model_and_tokenizer
 from training_curve import CURVE_FILE, plot_training_curve
 from utils import UserError, write_json_atomic
 
@@ -83,11 +83,11 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv):
         recipe, user_flags = default_recipe, given
         flags = list(default_argv[1:]) + user_flags
     argv = (parser.read_json(recipe) if recipe else []) + flags
+    console.configure_logging(argv)
     evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in argv)
     # PaddleNLP turns do_eval into an evaluation every logging_steps, with a warning; here do_eval means
     # one evaluation at the end (it decodes or scores the whole dev set, which costs far more than a loss
     # pass), so that warning would contradict what runs.
-    console.configure_logging(argv)
     misleading = console.DropLogMessage("evaluation_strategy reset to")
     if evaluation_at_end:
         logger.logger.addFilter(misleading)
@@ -179,18 +179,6 @@ def recipes_that_fit(lengths: Dict[str, int], limit: int) -> List[str]:
     return fitting
 
 
-def describe_model(model_args, model) -> str:
-    """The header's model line: where it comes from, its size, and whether it starts untrained."""
-    config = model.config
-    parameters = sum(int(p.numel()) for p in model.parameters())
-    text = (f"{console.shown(model_args.model_name_or_path)}: GLM {config.num_layers} layers, hidden {config.hidden_size}, {parameters / 1e6:.1f}M parameters")
-    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
-        text += ", random init (the directory holds no weights)"
-    if model_args.lora:
-        text += f", LoRA rank {model_args.lora_rank} on {' '.join(model_args.lora_target_modules)}"
-    return text
-
-
 def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) -> float:
     """Linear warm-up, then linear or cosine decay from 1 to `ratio` at the last step (THUDM's AnnealingLR)."""
     if step < warmup:
@@ -266,7 +254,7 @@ def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_tr
     args = trainer.args
     started = time.time()
     if args.should_log:
-        print_header(trainer, checkpoint, about or {})
+        console.print_header(trainer, checkpoint, about or {})
     if half_precision:
         # Pure half precision: keep the model's explicit float32 softmax/loss casts (autocast would undo them).
         trainer.disable_autocast_context_manager()
@@ -293,39 +281,8 @@ def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_tr
             untrained=console.model_metrics(untrained, "untrained"), labels=metric_labels,
         )
     if args.should_log:
-        print_summary(args, untrained, trained, metric_labels, time.time() - started)
+        console.print_summary(args, untrained, trained, metric_labels, time.time() - started)
     return trainer
-
-
-def print_header(trainer, checkpoint, about: Dict[str, str]):
-    """What runs, after the recipe line: the task's lines, the schedule, the output directory."""
-    args = trainer.args
-    for label, text in about.items():
-        console.say(f"{label:<8} {text}")
-    if args.do_train and trainer.train_dataset is not None:
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.dataset_world_size)
-        per_epoch = max(1, math.ceil(len(trainer.train_dataset) / batch))
-        steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-        console.say(
-            f"train    {steps} steps of {batch} rows ({steps / per_epoch:.3g} epochs), learning rate "
-            f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {args.device}"
-            + (f", resuming {console.shown(checkpoint)}" if checkpoint else "")
-        )
-    console.say(f"output   {console.shown(args.output_dir)}")
-
-
-def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metric_labels, seconds: float):
-    """The untrained vs trained table, then where the files are."""
-    rows = {name: console.model_metrics(metrics, prefix)
-            for name, metrics, prefix in (("untrained", untrained, "untrained"), ("trained", trained, "eval"))
-            if metrics}
-    console.say()
-    for line in console.results_table(rows, metric_labels) if rows else []:
-        console.say(line)
-    minutes, seconds = divmod(round(seconds), 60)
-    console.say(f"\nDone in {minutes}:{seconds:02d}.")
-    for line in console.output_files(args.output_dir):
-        console.say(line)
 
 
 def finish(trainer):

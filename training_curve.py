@@ -44,7 +44,7 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
     lines = loss_axis.plot(steps, [entry["loss"] for entry in train], ".-", color="tab:blue", label="training loss")
     evaluated_loss = [(step, metrics["loss"]) for step, metrics in evaluations if "loss" in metrics]
     if evaluated_loss:
-        lines += loss_axis.plot(*zip(*evaluated_loss), "o--", color="tab:red", label="eval loss")
+        lines += loss_axis.plot(*zip(*evaluated_loss), "o:", color="tab:red", label="eval loss")  # dotted: measured only at the dots
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
     loss_axis.grid(alpha=0.3)
@@ -63,7 +63,7 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
         score_axis = figure.add_subplot(1, 2, 2)
         for name in scores:
             points = [(step, metrics[name]) for step, metrics in evaluations if name in metrics]
-            score_axis.plot(*zip(*points), "o-", label=(labels or {}).get(name, name))
+            score_axis.plot(*zip(*points), "o:", label=(labels or {}).get(name, name))
         score_axis.set_xlabel("step")
         score_axis.set_ylabel("score")
         score_axis.grid(alpha=0.3)
