@@ -12,6 +12,7 @@ import pytest
 
 import console
 import finetune_generation
+import predict_generation
 from training_curve import CURVE_FILE, plot_training_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,10 +147,17 @@ def test_data_parallel_launch_of_the_embedded_default(tmp_path):
     assert "2 processes on cpu" in worker0 and (tmp_path / "out" / "eval_results.json").exists()
 
 
-def test_predict_help_and_settings_line(default_job):
+def test_predict_help_says_where_defaults_come_from(capsys):
+    with pytest.raises(SystemExit) as exit:
+        predict_generation.parse_arguments(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0
+    assert "take their values from the checkpoint's generation_settings.json" in help_text
+    assert "(default: None)" not in help_text and "(default: checkpoints/glm-tiny-chinese, the embedded default" in help_text
+
+
+def test_predict_logs_its_settings_in_one_line(default_job):
     output, _ = default_job
-    help_text = script("predict_generation.py", "--help").stdout
-    assert "generation_settings.json" in help_text and "(default: None)" not in help_text
     result = script("predict_generation.py", "--model_name_or_path", str(output), "--num_beams", "2", input="类型#裙*颜色#红色\n")
     assert result.returncode == 0, result.stderr[-3000:]
     settings = [line for line in result.stderr.splitlines() if line.startswith("settings ")]
