@@ -52,7 +52,7 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
         rate_axis = loss_axis.twinx()
         lines += rate_axis.plot(
             steps, [entry.get("learning_rate", float("nan")) for entry in train],
-            color="tab:gray", linestyle=":", label="learning rate",
+            color="tab:gray", linestyle="--", linewidth=1, label="learning rate",
         )
         rate_axis.set_ylabel("learning rate")
         rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
