@@ -19,8 +19,8 @@ import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imp
 import paddle
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import TrainingArguments, set_seed
-from tqdm import tqdm
 
+from console import describe_model, progress_bar, shown
 from data import DataError, build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
@@ -49,6 +49,7 @@ from utils import (
 
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-default.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # where predict_generation.py looks
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu4": "BLEU-4", "loss": "eval loss"}
 
 
 @dataclass
@@ -93,7 +94,7 @@ class GenerationTrainer(GLMTrainer):
         mine = list(range(rank, len(sources), world))
         generator = GLMGenerator(self.model, self.builder.ids, default_banned_ids(self.model.config, self.tokenizer))
         quiet = self.args.disable_tqdm or rank != 0
-        with tqdm(total=len(mine), desc=f"{prefix}: generating", disable=quiet, unit="row") as bar:
+        with progress_bar(len(mine), f"{prefix}: generating", "row", disable=quiet) as bar:
             answers = generate_answers(
                 generator, self.builder, [sources[i] for i in mine], self.generation_config,
                 self.args.per_device_eval_batch_size, progress=bar.update,
@@ -145,14 +146,17 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
         raise UserError(str(error)) from None
 
     train_dataset = eval_dataset = eval_rows = None
+    splits = []
     if training_args.do_train:
         train_dataset = MapDataset([e.features() for e in build_examples(load_split(data_args, "train"), builder)])
+        splits.append(f"{len(train_dataset)} train rows")
     if training_args.do_eval or data_args.eval_before_training:
         dev = load_split(data_args, "dev")
         if data_args.max_eval_samples:
             dev.rows = dev.rows[: data_args.max_eval_samples]
         eval_dataset = MapDataset([e.features() for e in build_examples(dev, builder)])
         eval_rows = ([r[dev.source_key] for r in dev.rows], [r[dev.target_key] for r in dev.rows], dev.rows)
+        splits.append(f"{len(dev.rows)} dev rows decoded with {generation_config.num_beams} beams")
 
     trainer = GenerationTrainer(
         model=model,
@@ -172,6 +176,9 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
     train_and_evaluate(
         trainer, checkpoint, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training,
         extra_files={GENERATION_SETTINGS: settings},
+        about={"model": describe_model(model_args, model),
+               "data": f"{shown(data_args.dataset_name_or_path)}: {', '.join(splits)}"},
+        metric_labels=METRIC_LABELS,
     )
     return trainer
 

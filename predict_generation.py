@@ -24,9 +24,9 @@ from typing import List, Optional
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
 from paddlenlp.trainer import PdArgumentParser
-from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
+from console import ConsoleArguments, HelpFormatter, configure_logging, say, shown
 from data import DataError, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder
@@ -51,7 +51,9 @@ BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 @dataclass
 class PredictArguments:
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": f"GLM checkpoint directory (default: {os.path.relpath(DEFAULT_MODEL)})."}
+        default=None,
+        metadata={"help": f"GLM checkpoint directory or PaddleNLP name (default: {shown(DEFAULT_MODEL)}, the "
+                          "embedded default once `python finetune_generation.py` has trained it)."},
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
     force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
@@ -183,7 +185,7 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
     partial = args.output_file + ".partial" if args.output_file else None
     done = resumable_rows(partial, fingerprint, args.overwrite_output) if partial else 0
     if done:
-        logger.info(f"Resuming: {done} of {len(rows)} rows already in {partial}, made from the same inputs")
+        say(f"Resuming: {done} of {len(rows)} rows already in {partial}, made from the same inputs")
     output = open(partial, "a", encoding="utf-8") if partial else sys.stdout
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
@@ -202,7 +204,7 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
         output.close()
         os.replace(partial, args.output_file)
         os.unlink(partial + ".json")
-        logger.info(f"Wrote {len(rows)} predictions to {args.output_file}")
+        say(f"Wrote {len(rows)} predictions to {args.output_file}")
 
 
 def _completed_rows(partial: str) -> int:
@@ -254,14 +256,22 @@ def _predict_lines(predictor: Predictor, output, interactive: bool):
 
 def parse_arguments(argv):
     """Flags; those not given come from the checkpoint's generation_settings.json (what it was evaluated
-    with in finetune_generation.py), then from the defaults."""
+    with in finetune_generation.py), then from the defaults. One line on stderr says what applies."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = PdArgumentParser((PredictArguments, GenerationArguments))
+    configure_logging(argv)
+    parser = PdArgumentParser(
+        (PredictArguments, GenerationArguments, ConsoleArguments),
+        formatter_class=HelpFormatter,
+        description=f"Flags not given take their values from the checkpoint's {GENERATION_SETTINGS} (written "
+        "by finetune_generation.py: the lengths and decoding it was evaluated with), then from the defaults "
+        "below (THUDM's glm-large-chinese recipe).",
+    )
     try:
-        args, generation_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        args, generation_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         raise UserError(str(error).splitlines()[0]) from None
     settings_file = os.path.join(args.model_name_or_path or DEFAULT_MODEL, GENERATION_SETTINGS)
+    source = "built-in defaults"
     if os.path.isfile(settings_file):
         with open(settings_file, encoding="utf-8") as f:
             settings = json.load(f)
@@ -270,7 +280,21 @@ def parse_arguments(argv):
             for target in (args, generation_args):
                 if hasattr(target, name) and name not in given:
                     setattr(target, name, value)
+        source = shown(settings_file)
+    say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
+        f"(flags given, then {source})")
     return args, generation_args
+
+
+def describe_decoding(generation_args: GenerationArguments) -> str:
+    g = generation_args
+    if g.decode_strategy == "beam_search":
+        text = f"beam search {g.num_beams} beams, length_penalty {g.length_penalty} ({g.length_penalty_form})"
+    elif g.decode_strategy == "sampling":
+        text = f"sampling top_k {g.top_k} top_p {g.top_p} temperature {g.temperature}"
+    else:
+        text = g.decode_strategy
+    return f"{text}, min_tgt_length {g.min_tgt_length}, no_repeat_ngram_size {g.no_repeat_ngram_size}"
 
 
 def main(argv=None):

@@ -8,21 +8,25 @@ tears), a guard that stops at the first non-finite loss, and a clean exit of dat
 and its own argument dataclasses.
 """
 
+import glob
+import json
 import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
 from paddle.io import DistributedBatchSampler
-from paddlenlp.trainer import PdArgumentParser, Trainer
+from paddlenlp.trainer import PdArgumentParser, ProgressCallback, Trainer
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from paddlenlp.utils.log import logger
 
+import console
 from crash_safety import (
     STAGING,
     acquire_lock,
@@ -37,6 +41,7 @@ from crash_safety import (
 from glm import GLMForConditionalGeneration
 from glm.lora import BASE_FINGERPRINT, DEFAULT_LORA_TARGETS, apply_lora, base_fingerprint
 from glm.loading import has_weights, load_model_and_tokenizer
+from training_curve import CURVE_FILE, plot_training_curve
 from utils import UserError, crash_point, write_json_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -66,28 +71,60 @@ class ModelArguments:
 
 
 def parse_arguments(dataclass_types: Sequence[type], argv, default_argv):
-    """`RECIPE.json [--flag value ...]` or flags alone; no arguments at all runs `default_argv`."""
-    parser = PdArgumentParser(tuple(dataclass_types))
-    if not argv:
-        logger.info(f"No arguments: running the embedded default {' '.join(os.path.relpath(a) if os.path.exists(a) else a for a in default_argv)}")
-        argv = list(default_argv)
-    if argv[0].endswith(".json"):  # a recipe, then flags that override it
-        if not os.path.isfile(argv[0]):
-            raise UserError(f"{argv[0]}: no such recipe file")
-        argv = parser.read_json(argv[0]) + list(argv[1:])
+    """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
+    `default_argv` (the embedded default recipe, then its output dir): every flag, the tiny model and its
+    lengths stay together. With --model_name_or_path and no recipe, the dataclass defaults apply (THUDM's
+    glm-large-chinese recipe). Also sets the log level (ConsoleArguments, parsed here and not returned)."""
+    default_recipe = default_argv[0]
+    parser = PdArgumentParser(
+        tuple(dataclass_types) + (console.ConsoleArguments,),
+        formatter_class=console.HelpFormatter,
+        description=f"Give a recipe (configs/*.json) first; flags after it override it. Without a recipe and "
+        f"without --model_name_or_path, flags override the embedded default {console.shown(default_recipe)} "
+        f"(its values, not the defaults below, apply). With --model_name_or_path and no recipe, the defaults "
+        f"below (THUDM's glm-large-chinese recipe) apply.",
+    )
+    given = list(argv)
+    if given and given[0].endswith(".json"):
+        recipe, user_flags = given[0], given[1:]
+        if not os.path.isfile(recipe):
+            raise UserError(f"{recipe}: no such recipe file")
+        flags = user_flags
+    elif any(arg.split("=")[0] == "--model_name_or_path" for arg in given):
+        recipe, user_flags = None, given
+        flags = user_flags
+    else:
+        recipe, user_flags = default_recipe, given
+        flags = list(default_argv[1:]) + user_flags
+    argv = (parser.read_json(recipe) if recipe else []) + flags
+    console.configure_logging(argv)
+    evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in argv)
+    # PaddleNLP turns do_eval into an evaluation every logging_steps, with a warning; here do_eval means
+    # one evaluation at the end (it decodes or scores the whole dev set, which costs far more than a loss
+    # pass), so that warning would contradict what runs.
+    misleading = console.DropLogMessage("evaluation_strategy reset to")
+    if evaluation_at_end:
+        logger.logger.addFilter(misleading)
     try:
-        parsed = parser.common_parse(argv, False)
+        *parsed, _ = parser.common_parse(argv, False)  # ConsoleArguments: read by configure_logging
     except ValueError as error:  # unknown flags, bad values
         raise UserError(str(error).splitlines()[0]) from None
+    finally:
+        logger.logger.removeFilter(misleading)
     training_args = parsed[-1]
     check_sizes(training_args)
     if not (training_args.do_train or training_args.do_eval):
         training_args.do_train = training_args.do_eval = True
-    if "--evaluation_strategy" not in argv:
-        # PaddleNLP turns do_eval into an evaluation every logging_steps; here it means one at the end
-        # (evaluation decodes or scores the whole dev set, which costs far more than a loss pass).
+    if evaluation_at_end:
         training_args.evaluation_strategy = IntervalStrategy.NO
-    return parsed
+    if training_args.should_log:
+        if recipe is None:
+            source = "none: the built-in defaults (THUDM's glm-large-chinese recipe)"
+        else:
+            embedded = os.path.abspath(recipe) == os.path.abspath(default_recipe)
+            source = console.shown(recipe) + (" (the embedded default)" if embedded else "")
+        console.say(f"recipe   {source}" + (f" + {' '.join(user_flags)}" if user_flags else ""))
+    return tuple(parsed)
 
 
 def check_sizes(training_args):
@@ -144,9 +181,14 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
         use_flash_attention=model_args.use_flash_attention,
         **config_overrides,
     )
+    limit = model.config.max_sequence_length
     for name, length in lengths.items():
-        if length > model.config.max_sequence_length:
-            raise UserError(f"--{name} {length} exceeds the model's max_sequence_length {model.config.max_sequence_length}")
+        if length > limit:
+            raise UserError(
+                f"--{name} {length} exceeds the model's max_sequence_length {limit}: pass --{name} {limit} or less"
+                + "".join(f", or the recipe {recipe}" for recipe in recipes_that_fit(lengths, limit)[:1])
+                + " (without a recipe the lengths default to THUDM's glm-large-chinese recipe)"
+            )
     if model_args.lora:
         if model_args.lora_rank < 1:
             raise UserError(f"--lora_rank must be at least 1; got {model_args.lora_rank}")
@@ -167,6 +209,17 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
         model.base_fingerprint = fingerprint  # GLMTrainer writes it beside every saved adapter
         model.print_trainable_parameters()
     return model, tokenizer
+
+
+def recipes_that_fit(lengths: Dict[str, int], limit: int) -> List[str]:
+    """The recipes in configs/ whose every length in `lengths` is at most `limit`."""
+    fitting = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            recipe = json.load(f)
+        if all(name in recipe and recipe[name] <= limit for name in lengths):
+            fitting.append(console.shown(path))
+    return fitting
 
 
 def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) -> float:
@@ -201,6 +254,8 @@ class GLMTrainer(Trainer):
     def __init__(self, *args, lr_decay_ratio, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr_decay_ratio = lr_decay_ratio
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(console.ConsoleProgress)
         self.last_finite_loss = None  # (step, loss)
         save = self._save_ckpt_func
 
@@ -295,13 +350,22 @@ class GLMTrainer(Trainer):
             self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
 
 
-def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_training=False, extra_files=None):
+def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_training=False, extra_files=None,
+                       about=None, metric_labels=None):
     """Score the untrained model (if asked), train (resuming `checkpoint`), save the model with
-    `extra_files` ({name: JSON value}) beside it, then evaluate; metrics go to *_results.json."""
+    `extra_files` ({name: JSON value}) beside it, then evaluate; metrics go to *_results.json.
+
+    The console shows what runs (the recipe line came from parse_arguments; `about` adds task lines such
+    as {"model": ..., "data": ...}), then the untrained vs trained scores (`metric_labels`: {metric:
+    column heading}, by default every metric) and where the files are; training_curve.png is drawn."""
     args = trainer.args
+    started = time.time()
+    if args.should_log:
+        console.print_header(trainer, checkpoint, about or {})
     if half_precision:
         # Pure half precision: keep the model's explicit float32 softmax/loss casts (autocast would undo them).
         trainer.disable_autocast_context_manager()
+    untrained = trained = None
     if eval_before_training:
         untrained = trainer.evaluate(metric_key_prefix="untrained")
         trainer.save_metrics("untrained", untrained)
@@ -314,9 +378,16 @@ def train_and_evaluate(trainer, checkpoint, half_precision=False, eval_before_tr
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     if args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        trained = trainer.evaluate()
+        trainer.log_metrics("eval", trained)
+        trainer.save_metrics("eval", trained)
+    if args.should_save and args.do_train:
+        plot_training_curve(
+            trainer.state.log_history, os.path.join(args.output_dir, CURVE_FILE),
+            untrained=console.model_metrics(untrained, "untrained"), labels=metric_labels,
+        )
+    if args.should_log:
+        console.print_summary(args, untrained, trained, metric_labels, time.time() - started)
     release_lock(args.output_dir)
     return trainer
 

@@ -1,0 +1,200 @@
+"""What a person sees of a finetune run, in order: what it runs, progress bars, a table of the untrained
+vs the trained model's scores, and where the files are.
+
+These lines are printed on the main process whatever the log level. PaddleNLP's own log lines (loading,
+the tokenizer's vocabulary, per-step logs: `--log_level info`; the argument dump: `debug`) are hidden by
+default, as are colour codes and cursor movement when stderr is a file rather than a terminal.
+"""
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+from paddlenlp.trainer.trainer_callback import ProgressCallback
+from paddlenlp.utils.log import logger
+from tqdm import tqdm
+
+from glm.loading import has_weights
+from utils import UserError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Metrics every Trainer evaluation reports about itself, not about the model.
+BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch", "progress_or_epoch")
+
+
+@dataclass
+class ConsoleArguments:
+    # PaddleNLP 2.8.1's TrainingArguments resets its log_level fields to -1 and has no such flags: ours.
+    log_level: str = field(
+        default="warning",
+        metadata={"help": "PaddleNLP's log lines on the main process: debug (adds the argument dump), info "
+                          "(loading, vocabulary, per-step logs), warning (only warnings besides the run's own "
+                          "summary and progress bars) or error."},
+    )
+    log_level_replica: str = field(
+        default="warning", metadata={"help": "The same for the other processes of paddle.distributed.launch."}
+    )
+
+
+def configure_logging(argv: List[str]):
+    """Sets PaddleNLP's log level from the --log_level flags in `argv`, before the Trainer's arguments
+    are parsed (parsing them logs already). The main process is rank 0 of paddle.distributed.launch."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name, default in vars(ConsoleArguments()).items():
+        parser.add_argument(f"--{name}", default=default)
+    console_args = parser.parse_known_args(argv)[0]
+    main_process = os.environ.get("PADDLE_TRAINER_ID", "0") == "0"
+    level = console_args.log_level if main_process else console_args.log_level_replica
+    if level.lower() not in LOG_LEVELS:
+        raise UserError(f"--log_level/--log_level_replica must be one of {', '.join(LOG_LEVELS)}; got {level}")
+    logger.set_level(level.upper())
+    if not sys.stderr.isatty():  # a log file: no colour escape codes
+        logger.handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)8s] - %(message)s"))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """PdArgumentParser's help with '(default: X)' only where X says something: not after a None, whose
+    meaning the help text itself gives (it would read '(default: ...). (default: None)')."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class DropLogMessage(logging.Filter):
+    """Drops PaddleNLP log records that start with `prefix` (one line we know to be misleading)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefix)
+
+
+def shown(path: str) -> str:
+    """A path as the user would type it: relative when under the working directory."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def say(text: str = ""):
+    """A line of the run's own console (callers print on the main process only)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> tqdm:
+    """tqdm on stderr. On a file instead of a terminal every bar stays on its line (no cursor-up escapes
+    from nested bars) and is redrawn at most every 30 s, so a log file holds a few lines per bar."""
+    terminal = sys.stderr.isatty()
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=terminal,
+        mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 60, position=None if terminal else 0,
+    )
+
+
+class ConsoleProgress(ProgressCallback):
+    """PaddleNLP's progress callback with the loss and learning rate on the training bar, and without its
+    one-step 'PredictProcess' bar of the loss pass (the task's evaluation shows its own, by rows)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_local_process_zero:
+            self.training_bar = progress_bar(state.max_steps, "training", "step")
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs.get('learning_rate', 0):.2e}", refresh=False)
+        super().on_log(args, state, control, logs=logs, **kwargs)  # the per-step line, at --log_level info
+
+
+def describe_model(model_args, model) -> str:
+    """The header's model line: where it comes from, its size, and whether it starts untrained."""
+    config = model.config
+    parameters = sum(int(p.numel()) for p in model.parameters())
+    text = (f"{shown(model_args.model_name_or_path)}: GLM {config.num_layers} layers, hidden {config.hidden_size}, "
+            f"{parameters / 1e6:.1f}M parameters")
+    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+        text += ", random init (the directory holds no weights)"
+    if model_args.lora:
+        text += f", LoRA rank {model_args.lora_rank} on {' '.join(model_args.lora_target_modules)}"
+    return text
+
+
+def print_header(trainer, checkpoint, about: Dict[str, str]):
+    """What runs, after the recipe line: the task's lines, the schedule, the output directory."""
+    args = trainer.args
+    for label, text in about.items():
+        say(f"{label:<8} {text}")
+    if args.do_train and trainer.train_dataset is not None:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.dataset_world_size)
+        per_epoch = max(1, math.ceil(len(trainer.train_dataset) / batch))
+        steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        say(
+            f"train    {steps} steps of {batch} rows ({steps / per_epoch:.3g} epochs), learning rate "
+            f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {args.device}"
+            + (f", resuming {shown(checkpoint)}" if checkpoint else "")
+        )
+    say(f"output   {shown(args.output_dir)}")
+
+
+def model_metrics(metrics: Optional[dict], prefix: str) -> Dict[str, float]:
+    """`metrics` of one evaluation without its prefix and without the Trainer's bookkeeping."""
+    return {
+        name[len(prefix) + 1:]: value
+        for name, value in (metrics or {}).items()
+        if name.startswith(prefix + "_") and name[len(prefix) + 1:] not in BOOKKEEPING
+    }
+
+
+def results_table(rows: Dict[str, Dict[str, float]], labels: Optional[Dict[str, str]] = None) -> List[str]:
+    """One line per model ({row name: metrics}), one column per metric; `labels` ({metric: heading})
+    chooses and orders the columns, by default every metric with loss last."""
+    names = [name for row in rows.values() for name in row]
+    if labels is None:
+        labels = {name: name for name in sorted(set(names), key=lambda name: (name == "loss", names.index(name)))}
+    columns = [(name, heading) for name, heading in labels.items() if name in names]
+    width = max(len(row) for row in rows) + 2
+    lines = [" " * width + "  ".join(f"{heading:>9}" for _, heading in columns)]
+    for row_name, metrics in rows.items():
+        cells = [f"{metrics[name]:>9.2f}" if name in metrics else f"{'-':>9}" for name, _ in columns]
+        lines.append(f"{row_name:<{width}}" + "  ".join(cells))
+    return lines
+
+
+def output_files(output_dir: str) -> List[str]:
+    """Where the run's results are: the model, predictions, scores and the loss curve in `output_dir`."""
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+
+    def matching(suffixes: Iterable[str], exclude=()):
+        return ", ".join(n for n in names if n.endswith(tuple(suffixes)) and n not in exclude)
+
+    groups = [
+        ("model", matching((".pdparams", ".safetensors", ".index.json"))),
+        ("predictions", matching(("_predictions.jsonl",))),
+        ("scores", matching(("_results.json",), exclude=("all_results.json",))),
+        ("loss curve", matching(("training_curve.png",))),
+    ]
+    lines = [f"Files in {shown(output_dir)}{os.sep}"]
+    lines += [f"  {label:<12}{files}" for label, files in groups if files]
+    return lines
+
+
+def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metric_labels, seconds: float):
+    """The untrained vs trained table, then where the files are."""
+    rows = {name: model_metrics(metrics, prefix)
+            for name, metrics, prefix in (("untrained", untrained, "untrained"), ("trained", trained, "eval"))
+            if metrics}
+    say()
+    for line in results_table(rows, metric_labels) if rows else []:
+        say(line)
+    minutes, seconds = divmod(round(seconds), 60)
+    say(f"\nDone in {minutes}:{seconds:02d}.")
+    for line in output_files(args.output_dir):
+        say(line)
