@@ -113,7 +113,8 @@ def run(model_args, data_args, training_args, callbacks=()):
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
     model, tokenizer = load_for_training(
-        model_args, dtype, {"src_length": data_args.src_length}, model_class=GLMForMultipleChoice
+        model_args, dtype, {"src_length": data_args.src_length}, model_class=GLMForMultipleChoice,
+        task_recipe=DEFAULT_RECIPE,
     )
     try:
         builder = MultipleChoiceBuilder(tokenizer, data_args.src_length)

@@ -138,6 +138,7 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
         model_args,
         dtype,
         {"src_length": data_args.src_length, "tgt_length": data_args.tgt_length},
+        task_recipe=DEFAULT_RECIPE,
         label_smoothing=model_args.label_smoothing,
     )
     try:

@@ -173,7 +173,7 @@ def resumable_rows(partial: str, fingerprint: dict, overwrite: bool) -> int:
                     f"{partial} was made from other inputs (differing: {', '.join(differing)}): rerun with the same "
                     "ones to resume it, or with --overwrite_output to start afresh"
                 )
-            logger.info(f"Starting afresh: removing {partial} (made from other inputs; --overwrite_output)")
+            say(f"Starting afresh: removing {partial} (made from other inputs; --overwrite_output)")
             os.unlink(partial)
     write_json_atomic(sidecar, fingerprint)
     return _completed_rows(partial)

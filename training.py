@@ -8,7 +8,6 @@ tears), a guard that stops at the first non-finite loss, and a clean exit of dat
 and its own argument dataclasses.
 """
 
-import glob
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
@@ -171,9 +170,11 @@ def last_checkpoint_to_resume(training_args):
     return checkpoint
 
 
-def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalGeneration, **config_overrides):
+def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalGeneration, task_recipe=None,
+                      **config_overrides):
     """The model (a `model_class`) and tokenizer, every `lengths` entry ({flag: value}) checked against
-    the model's max_sequence_length, and LoRA applied when asked."""
+    the model's max_sequence_length (a length that does not fit names `task_recipe`, the task's embedded
+    default recipe, when that fits), and LoRA applied when asked."""
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path,
         dtype,
@@ -186,7 +187,7 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
         if length > limit:
             raise UserError(
                 f"--{name} {length} exceeds the model's max_sequence_length {limit}: pass --{name} {limit} or less"
-                + "".join(f", or the recipe {recipe}" for recipe in recipes_that_fit(lengths, limit)[:1])
+                + (f", or the recipe {console.shown(task_recipe)}" if recipe_fits(task_recipe, lengths, limit) else "")
                 + " (without a recipe the lengths default to THUDM's glm-large-chinese recipe)"
             )
     if model_args.lora:
@@ -211,15 +212,14 @@ def load_for_training(model_args, dtype, lengths, model_class=GLMForConditionalG
     return model, tokenizer
 
 
-def recipes_that_fit(lengths: Dict[str, int], limit: int) -> List[str]:
-    """The recipes in configs/ whose every length in `lengths` is at most `limit`."""
-    fitting = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            recipe = json.load(f)
-        if all(name in recipe and recipe[name] <= limit for name in lengths):
-            fitting.append(console.shown(path))
-    return fitting
+def recipe_fits(path: Optional[str], lengths: Dict[str, int], limit: int) -> bool:
+    """Whether the recipe at `path` sets every length in `lengths` to at most `limit`. Only the task's own
+    recipe is suggested: another task's recipe would fit the lengths and still be the wrong job."""
+    if not path:
+        return False
+    with open(path, encoding="utf-8") as f:
+        recipe = json.load(f)
+    return all(name in recipe and recipe[name] <= limit for name in lengths)
 
 
 def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) -> float:
