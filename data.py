@@ -139,7 +139,7 @@ def _entries(data: bytes, name: str):
         except ValueError:
             items = None  # a first line that is an array: reported row by row below
         if isinstance(items, list):
-            logger.info(f"{name}: one JSON array, not JSON Lines: reading its {len(items)} items as rows")
+            logger.warning(f"{name}: one JSON array, not JSON Lines: reading its {len(items)} items as rows")
             for number, item in enumerate(items, start=1):
                 yield f"{name}: item {number}", lambda item=item: item
             return

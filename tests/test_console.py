@@ -128,11 +128,22 @@ def test_a_named_model_with_the_anchor_lengths_says_what_fits(tmp_path):
     )
 
 
-def test_lora_on_the_embedded_default_runs(tmp_path):
-    result = script("finetune_generation.py", "--lora", "true", "--output_dir", str(tmp_path), "--max_steps", "2",
+def test_lora_on_the_embedded_default_takes_the_readme_path(tmp_path):
+    # On the untrained default --lora would adapt random weights no later run can rebuild: refused, with
+    # the way out. The README's path (finetune the default, then LoRA on its checkpoint) runs.
+    refused = script("finetune_generation.py", "--lora", "true", "--output_dir", str(tmp_path / "refused"), *QUICK)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "holds no weights" in refused.stderr.splitlines()[-1] and "finetune it first" in refused.stderr
+
+    base, adapter = tmp_path / "base", tmp_path / "lora"
+    trained = script("finetune_generation.py", "--output_dir", str(base), "--max_steps", "2",
+                     "--eval_before_training", "false", "--do_eval", "false", *QUICK)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = script("finetune_generation.py", "configs/tiny-default.json", "--model_name_or_path", str(base),
+                    "--lora", "true", "--output_dir", str(adapter), "--max_steps", "2",
                     "--eval_before_training", "false", *QUICK)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "lora_config.json").exists() and (tmp_path / CURVE_FILE).exists()
+    assert (adapter / "lora_config.json").exists() and (adapter / CURVE_FILE).exists()
     assert "LoRA rank 8" in result.stderr
 
 
