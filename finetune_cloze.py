@@ -15,7 +15,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import paddle
@@ -31,6 +30,7 @@ from glm.loading import CheckpointError
 from glm.tokenization import TokenizerError
 from multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 from training import (
+    DatasetArguments,
     ROOT,
     GLMTrainer,
     ModelArguments,
@@ -48,15 +48,12 @@ DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-cloze")
 
 
 @dataclass
-class ClozeDataArguments:
+class ClozeDataArguments(DatasetArguments):
     dataset_name_or_path: str = field(
         default=os.path.join(ROOT, "demo_data", "cloze"),
         metadata={"help": "Directory with train.json and dev.json (JSON Lines; .jsonl too) in THUDM's format."},
     )
     src_length: int = field(default=512, metadata={"help": "Context tokens, with [CLS], the [MASK] and <|endoftext|>."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Score only the first N dev rows."})
-    eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
 
 
 class ClozeTrainer(GLMTrainer):

@@ -28,6 +28,7 @@ from glm.loading import CheckpointError
 from glm.lora import AdapterError
 from glm.tokenization import TokenizerError
 from training import (
+    DatasetArguments,
     ROOT,
     GLMTrainer,
     ModelArguments,
@@ -53,19 +54,12 @@ METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", 
 
 
 @dataclass
-class DataArguments:
-    dataset_name_or_path: str = field(
-        default=os.path.join(ROOT, "demo_data"),
-        metadata={"help": "Directory with train.json and dev.json (JSON Lines; .jsonl too)."},
-    )
+class DataArguments(DatasetArguments):
     src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
     tgt_length: int = field(default=160, metadata={"help": "Target tokens, with <|startofpiece|>; also the generation limit."})
     mask_token: str = field(default="[gMASK]", metadata={"help": f"Blank appended to the source: {', '.join(MASK_TOKENS)}."})
     src_key: Optional[str] = field(default=None, metadata={"help": "Source field (default: auto-detected)."})
     tgt_key: Optional[str] = field(default=None, metadata={"help": "Target field (default: auto-detected)."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Decode only the first N dev rows."})
-    eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
 
 
 class GenerationTrainer(GLMTrainer):
@@ -127,8 +121,6 @@ def load_split(data_args, split):
 
 
 def run(model_args, data_args, generation_args, training_args, callbacks=()):
-    if data_args.max_eval_samples is not None and data_args.max_eval_samples < 1:
-        raise UserError(f"--max_eval_samples must be at least 1; got {data_args.max_eval_samples}")
     dtype = resolve_amp(training_args)
     checkpoint = last_checkpoint_to_resume(training_args)
     set_seed(training_args.seed)

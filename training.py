@@ -69,6 +69,23 @@ class ModelArguments:
     )
 
 
+@dataclass
+class DatasetArguments:
+    """The data flags every task script shares; a task subclasses it with its dataset default and lengths."""
+
+    dataset_name_or_path: str = field(
+        default=os.path.join(ROOT, "demo_data"),
+        metadata={"help": "Directory with train.json and dev.json (JSON Lines; .jsonl too)."},
+    )
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N dev rows."})
+    eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
+
+    def __post_init__(self):
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be at least 1; got {self.max_eval_samples}")
+
+
 def parse_arguments(dataclass_types: Sequence[type], argv, default_argv):
     """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
     `default_argv` (the embedded default recipe, then its output dir): every flag, the tiny model and its
