@@ -28,8 +28,8 @@ from data import DataError
 from glm import GLMForConditionalGeneration, GLMForMultipleChoice
 from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
 from glm.lora import load_lora
-from glm.loading import CheckpointError, load_model_and_tokenizer
-from glm.tokenization import TokenizerError, special_token_ids
+from glm.loading import load_model_and_tokenizer
+from glm.tokenization import special_token_ids
 from language_model import lambada_example, lm_metrics, lm_windows, score_targets, window_example
 from multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 from utils import UserError, exit_on_user_error, write_json_atomic, write_jsonl_atomic
@@ -175,7 +175,7 @@ def evaluate(args):
 
 
 def main(argv=None):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+    with exit_on_user_error():
         try:
             (args,) = PdArgumentParser(EvaluateArguments).parse_args_into_dataclasses(
                 args=sys.argv[1:] if argv is None else argv, look_for_args_file=False

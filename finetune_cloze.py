@@ -23,11 +23,9 @@ from paddlenlp.trainer import TrainingArguments, set_seed
 from paddlenlp.trainer.trainer_utils import EvalLoopOutput
 from tqdm import tqdm
 
-from data import DataError, find_split_file
+from data import find_split_file
 from glm import GLMForMultipleChoice
 from glm.inputs import MultipleChoiceBuilder, collate_multiple_choice
-from glm.loading import CheckpointError
-from glm.tokenization import TokenizerError
 from multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 from training import (
     DatasetArguments,
@@ -146,7 +144,7 @@ def run(model_args, data_args, training_args, callbacks=()):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError):
+    with exit_on_user_error():
         arguments = parse_cloze_arguments(sys.argv[1:] if argv is None else argv)
         trainer = run(*arguments, callbacks=callbacks)
     return finish(trainer)

@@ -21,12 +21,9 @@ from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import TrainingArguments, set_seed
 
 from console import describe_model, progress_bar, shown
-from data import DataError, build_examples, find_split_file, read_rows
+from data import build_examples, find_split_file, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
-from glm.loading import CheckpointError
-from glm.lora import AdapterError
-from glm.tokenization import TokenizerError
 from training import (
     DatasetArguments,
     ROOT,
@@ -177,7 +174,7 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError, AdapterError):
+    with exit_on_user_error():
         arguments = parse_generation_arguments(sys.argv[1:] if argv is None else argv)
         trainer = run(*arguments, callbacks=callbacks)
     return finish(trainer)

@@ -30,9 +30,8 @@ from console import ConsoleArguments, HelpFormatter, configure_logging, say, sho
 from data import DataError, read_rows
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.inputs import MASK_TOKENS, GLMInputBuilder
-from glm.lora import AdapterError, load_lora
-from glm.loading import CheckpointError, load_model_and_tokenizer
-from glm.tokenization import TokenizerError
+from glm.lora import load_lora
+from glm.loading import load_model_and_tokenizer
 from utils import (
     GENERATION_SETTINGS,
     GenerationArguments,
@@ -298,7 +297,7 @@ def describe_decoding(generation_args: GenerationArguments) -> str:
 
 
 def main(argv=None):
-    with exit_on_user_error(DataError, TokenizerError, CheckpointError, AdapterError):
+    with exit_on_user_error():
         args, generation_args = parse_arguments(argv)
         if args.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")

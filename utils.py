@@ -132,12 +132,24 @@ def write_json_atomic(path: str, value):
         json.dump(value, f, ensure_ascii=False, indent=2)
 
 
+def user_error_types() -> tuple:
+    """Every exception the project raises for a user's mistake (a flag, a path, a file, an adapter). One
+    list for all entry scripts: each script listing its own had let an adapter refusal escape as a
+    traceback from the scripts that forgot AdapterError."""
+    from data import DataError  # here, not at the top: data and glm import this module's neighbours
+    from glm.loading import CheckpointError
+    from glm.lora import AdapterError
+    from glm.tokenization import TokenizerError
+
+    return (UserError, DataError, CheckpointError, AdapterError, TokenizerError)
+
+
 @contextlib.contextmanager
-def exit_on_user_error(*error_types):
-    """Turns the listed exceptions into `error: message` on stderr and exit status 2 (no traceback)."""
+def exit_on_user_error():
+    """Turns a user's mistake (`user_error_types`) into `error: message` on stderr and exit status 2."""
     try:
         yield
-    except (UserError,) + tuple(error_types) as error:
+    except user_error_types() as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 

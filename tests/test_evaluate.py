@@ -196,6 +196,8 @@ def test_multiple_choice_accuracy_and_predictions(model_dir, tmp_path):
         (["--task", "lambada", "--bad_lambada"], "needs a context and a last word"),
         (["--task", "multiple_choice", "--bad_choice"], "dev.json:2: 'label' must be a choice index 0..1, got 2"),
         (["--task", "lm", "--lora_path", "/tmp"], "/tmp: no lora_config.json"),
+        # An adapter refusal (glm.lora.AdapterError) is one line here too, as in predict.
+        (["--task", "lm", "--adapter_without_weights"], "no lora_model_state.pdparams (expected a LoRA adapter directory)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, flags, message):
@@ -203,6 +205,10 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, flags, me
     text.write_text("这款百搭上衣\n", encoding="utf-8")
     if "--bad_lambada" in flags:
         flags = flags[:-1] + ["--data_file", str(text)]
+    if "--adapter_without_weights" in flags:
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "lora_config.json").write_text("{}", encoding="utf-8")
+        flags = flags[:-1] + ["--lora_path", str(tmp_path / "adapter")]
     if "--bad_choice" in flags:
         good = {"inputs_pretokenized": "这款[MASK]", "choices_pretokenized": ["鞋", "包"], "label": 0}
         (tmp_path / "dev.json").write_text(json.dumps(good) + "\n" + json.dumps(dict(good, label=2)) + "\n", encoding="utf-8")
