@@ -14,6 +14,7 @@ unchanged. Differences from PaddleNLP, all deliberate:
 import math
 from typing import List, Optional, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -32,7 +33,7 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache"]
+__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache", "DecodingMask"]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -45,37 +46,68 @@ class DecodingCache:
     """One layer's keys and values while decoding `beams` rows per source, one new token per row a step
     (glm/generation.py drives it; GLMAttention._decoding_attention reads and writes it).
 
-    The memory (source, earlier answers, <|startofpiece|>) is identical for a source's beams, so it is
-    kept once per source, [B, heads, M, head_dim], and a source's beams query it together as one small
-    matrix. Each row's generated positions go into buffers [B * beams, heads, capacity, head_dim], written
-    in place: a step copies only its own key and value, and a beam reorder moves generated positions only.
+    Per source one buffer [B, heads, M + beams * capacity, head_dim]: the memory (source, earlier answers,
+    <|startofpiece|>), which a source's beams share, then one slot per step and beam, where that step's
+    row writes its key and value. Keys never move: which slots a row sees (its own history) is the
+    DecodingMask's business, so a beam reorder copies no keys, and a source's beams attend together as one
+    small matrix over the whole buffer (unwritten and other beams' slots are masked out).
     """
 
     def __init__(self, memory: LayerCache, beams: int, capacity: int):
         keys, values = memory
-        self.keys, self.values, self.beams, self.length = keys, values, beams, 0
-        shape = [keys.shape[0] * beams, keys.shape[1], capacity, keys.shape[3]]
-        self.own_keys = paddle.zeros(shape, dtype=keys.dtype)
-        self.own_values = paddle.zeros(shape, dtype=values.dtype)
+        sources, heads, length, head_dim = keys.shape
+        slots = paddle.zeros([sources, heads, beams * capacity, head_dim], dtype=keys.dtype)
+        self.keys, self.values = paddle.concat([keys, slots], axis=2), paddle.concat([values, slots], axis=2)
+        self.beams, self.length = beams, length
 
     @property
-    def memory_length(self) -> int:  # keys a query sees before its own: memory + generated so far
-        return self.keys.shape[2] + self.length
+    def memory_length(self) -> int:  # key positions written so far: memory + beams x steps
+        return self.length
 
     def write(self, key, value):
-        self.own_keys[:, :, self.length] = key[:, :, 0]
-        self.own_values[:, :, self.length] = value[:, :, 0]
-        self.length += 1
+        """This step's key and value of every row, [B, heads, beams, head_dim], into the next free slots."""
+        self.keys[:, :, self.length : self.length + self.beams] = key
+        self.values[:, :, self.length : self.length + self.beams] = value
+        self.length += self.beams
 
-    def reorder(self, rows: paddle.Tensor):
-        """Row i continues row rows[i] (of the same source): its generated keys and values move."""
-        self.own_keys = paddle.index_select(self.own_keys, rows)
-        self.own_values = paddle.index_select(self.own_values, rows)
-
-    def keep_sources(self, sources: paddle.Tensor, rows: paddle.Tensor):
-        """Drops finished sources: keeps memory `sources` and their generated `rows`."""
+    def keep_sources(self, sources: paddle.Tensor):
+        """Drops finished sources: keeps the buffers of `sources`."""
         self.keys, self.values = paddle.index_select(self.keys, sources), paddle.index_select(self.values, sources)
-        self.reorder(rows)
+
+
+class DecodingMask:
+    """Which keys of the DecodingCache each decoding row sees: its source's memory (not its padding) and the
+    slots its own history wrote. Row b * beams + j is beam j of source b. Held as the additive bias
+    [rows, keys] every layer adds to its scores (`attention_bias` hands it out as [B, 1, beams, keys]), so a
+    step updates one small tensor for all layers and a beam reorder moves rows of it, not keys.
+    """
+
+    def __init__(self, memory_valid: np.ndarray, beams: int, capacity: int):
+        """memory_valid: bool [B, M], False at padding."""
+        sources, memory = memory_valid.shape
+        rows = sources * beams
+        bias = np.full([rows, memory + beams * capacity], MASKED_SCORE, dtype="float32")
+        bias[:, :memory] = np.where(np.repeat(memory_valid, beams, axis=0), 0.0, MASKED_SCORE)
+        own_slot = np.full([rows, beams], MASKED_SCORE, dtype="float32")
+        own_slot[np.arange(rows), np.arange(rows) % beams] = 0.0  # beam j writes slot j of each step
+        self.bias, self.own_slot = paddle.to_tensor(bias), paddle.to_tensor(own_slot)
+        self.memory, self.beams, self.steps = memory, beams, 0
+
+    def advance(self):
+        """Before a step: each row also sees the slot its new token's key and value are written to."""
+        start = self.memory + self.steps * self.beams
+        self.bias[:, start : start + self.beams] = self.own_slot
+        self.steps += 1
+
+    def select(self, rows: paddle.Tensor):
+        """Row i continues row rows[i] (of the same source; finished sources' rows left out): it sees what that
+        row saw."""
+        self.bias = paddle.index_select(self.bias, rows)
+        self.own_slot = self.own_slot[: len(rows)]  # the pattern repeats every `beams` rows
+
+    def layer_bias(self):
+        rows, keys = self.bias.shape
+        return self.bias.reshape([rows // self.beams, 1, self.beams, keys])
 
 
 def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
@@ -85,8 +117,11 @@ def attention_bias(attention_mask, batch_size: int, query_length: int, memory_le
       None            -> sep = 0 everywhere: plain causal attention;
       int [B] or [1]  -> `sep` per row: query i (absolute index M+i) sees key j iff j < sep or j <= M+i,
                          i.e. the source before sep is bidirectional and the target is causal;
-      0/1 or bool [B, 1, q, M+q] -> 1 where attending is allowed (can also hide padding).
+      0/1 or bool [B, 1, q, M+q] -> 1 where attending is allowed (can also hide padding);
+      DecodingMask    -> its bias [B, 1, beams, keys], for one token per row over DecodingCache.
     """
+    if isinstance(attention_mask, DecodingMask):
+        return attention_mask.layer_bias()
     key_length = memory_length + query_length
     if attention_mask is None:
         attention_mask = paddle.zeros([batch_size], dtype="int64")
@@ -122,6 +157,8 @@ class GLMAttention(nn.Layer):
         self.output_dropout = nn.Dropout(config.output_dropout_prob)
 
     def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
+        if isinstance(cache, DecodingCache):
+            return self.output_dropout(self.dense(self._decoding_attention(hidden_states, bias, cache))), cache
         batch_size, query_length = hidden_states.shape[:2]
         # The fused projection lays out [q | k | v] along the last axis, each [heads * head_dim]. Split
         # first: its backward is a concat, where slicing one 5-D tensor scatters into zeros (2x slower).
@@ -129,10 +166,6 @@ class GLMAttention(nn.Layer):
             part.reshape([batch_size, query_length, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
             for part in paddle.split(self.query_key_value(hidden_states), 3, axis=-1)
         ]  # each [B, heads, q, head_dim]
-        if isinstance(cache, DecodingCache):
-            context = self._decoding_attention(query, key, value, bias, cache)
-            context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
-            return self.output_dropout(self.dense(context)), cache
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
             value = paddle.concat([cache[1], value], axis=2)
@@ -157,23 +190,25 @@ class GLMAttention(nn.Layer):
         probs = self.attention_dropout(probs)
         return paddle.matmul(probs, value)  # [B, heads, q, head_dim]
 
-    def _decoding_attention(self, query, key, value, bias, cache: DecodingCache):
-        """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over
-        memory + generated keys. query/key/value [R, heads, 1, head_dim], R = sources x beams; bias [R, 1, 1, keys]."""
+    def _decoding_attention(self, hidden_states, bias, cache: DecodingCache):
+        """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over the
+        keys the row sees. hidden_states [R, 1, hidden], R = sources x beams; bias [B, 1, beams, keys].
+        Few ops, each over all rows: at one token per row a step is mostly dispatch, not arithmetic."""
+        rows, beams = hidden_states.shape[0], cache.beams
+        # A source's beams as the rows of one matrix: [3, B, heads, beams, head_dim] for q, k, v.
+        qkv = self.query_key_value(hidden_states).reshape([rows // beams, beams, 3, self.num_heads, self.head_dim])
+        query, key, value = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)
         cache.write(key, value)
-        beams, memory = cache.beams, cache.keys.shape[2]
         query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
-        # A source's beams are the query rows of one matrix against its memory: [B, heads, beams, head_dim].
-        memory_scores = paddle.matmul(_by_source(query, beams), cache.keys, transpose_y=True)  # [B, heads, beams, M]
-        memory_scores = _by_row(memory_scores)
-        own_keys, own_values = cache.own_keys[:, :, : cache.length], cache.own_values[:, :, : cache.length]
-        own_scores = paddle.matmul(query, own_keys, transpose_y=True)  # [R, heads, 1, generated]
-        scores = paddle.concat([memory_scores, own_scores], axis=-1).astype("float32")
+        scores = paddle.matmul(query, cache.keys, transpose_y=True)  # [B, heads, beams, keys]
+        scores = _as_float32(scores)
         if self.attention_scale != 1.0:
             scores = scores * self.attention_scale
-        probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)  # decoding runs in eval mode: no dropout
-        memory_context = paddle.matmul(_by_source(probs[:, :, :, :memory], beams), cache.values)  # [B, heads, beams, d]
-        return _by_row(memory_context) + paddle.matmul(probs[:, :, :, memory:], own_values)  # [R, heads, 1, d]
+        probs = F.softmax(scores + bias, axis=-1)  # eval mode: no dropout
+        if probs.dtype != cache.values.dtype:
+            probs = probs.astype(cache.values.dtype)
+        context = paddle.matmul(probs, cache.values)  # [B, heads, beams, head_dim]
+        return context.transpose([0, 2, 1, 3]).reshape([rows, 1, -1])  # [R, 1, hidden]
 
     def _fused_attention(self, query, key, value, bias):
         # scaled_dot_product_attention takes [B, seq, heads, head_dim] and a mask in the compute dtype.
@@ -191,21 +226,9 @@ class GLMAttention(nn.Layer):
         return context.transpose([0, 2, 1, 3])
 
 
-def _by_source(tensor, beams):
-    """[B * beams, heads, 1, n] -> [B, heads, beams, n]: a source's rows as one matrix. With one row per
-    source the tensor already is that: no regrouping ops (each op costs a dispatch on a small step)."""
-    if beams == 1:
-        return tensor
-    rows, heads, _, n = tensor.shape
-    return tensor.reshape([rows // beams, beams, heads, n]).transpose([0, 2, 1, 3])
-
-
-def _by_row(tensor):
-    """[B, heads, beams, n] -> [B * beams, heads, 1, n]: the inverse of _by_source."""
-    sources, heads, beams, n = tensor.shape
-    if beams == 1:
-        return tensor
-    return tensor.transpose([0, 2, 1, 3]).reshape([sources * beams, heads, 1, n])
+def _as_float32(tensor):
+    # A cast is one more kernel launch even when there is nothing to cast (float32 on CPU).
+    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
 
 
 def _fused_mask_value(dtype):
