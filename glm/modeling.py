@@ -110,6 +110,14 @@ class DecodingMask:
         return self.bias.reshape([rows // self.beams, 1, self.beams, keys])
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that returns its input untouched when not training: Paddle's launches a copy kernel in eval
+    mode, four per layer of every decoding step."""
+
+    def forward(self, x):
+        return super().forward(x) if self.training else x
+
+
 def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
     """The one place that knows GLM's masks. Returns a float32 additive bias [B|1, 1, q, M+q].
 
@@ -153,8 +161,8 @@ class GLMAttention(nn.Layer):
         self.use_flash_attention = config.use_flash_attention
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.attention_dropout = nn.Dropout(config.attention_dropout_prob)
-        self.output_dropout = nn.Dropout(config.output_dropout_prob)
+        self.attention_dropout = Dropout(config.attention_dropout_prob)
+        self.output_dropout = Dropout(config.output_dropout_prob)
 
     def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
         if isinstance(cache, DecodingCache):
@@ -241,7 +249,7 @@ class GLMMLP(nn.Layer):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.output_dropout_prob)
+        self.dropout = Dropout(config.output_dropout_prob)
 
     def forward(self, hidden_states):
         # GLM trains with the tanh-approximate GELU (THUDM's code, PaddleNLP); the HF port's exact GELU differs.
@@ -276,7 +284,7 @@ class GLMStack(nn.Layer):
         self.position_embeddings = nn.Embedding(rows, config.hidden_size)
         if config.block_position_encoding:
             self.block_position_embeddings = nn.Embedding(rows, config.hidden_size)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
+        self.embedding_dropout = Dropout(config.embedding_dropout_prob)
         self.layers = nn.LayerList([GLMBlock(config) for _ in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
         # Switched on by the PaddleNLP Trainer's --recompute (it sets every `enable_recompute` it finds).

@@ -223,6 +223,20 @@ def test_recompute_gives_same_loss_and_gradients_with_dropout(monkeypatch):
         np.testing.assert_allclose(recomputed_grads[name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_dropout_drops_in_training_only():
+    dropping, _ = twin_models(embedding_dropout_prob=0.3, attention_dropout_prob=0.3, output_dropout_prob=0.3)
+    plain, _ = twin_models()  # the same weights (same seed), no dropout
+    x = glm_inputs(plain.config.vocab_size)
+
+    def logits(model):
+        return model(x["input_ids"], x["position_ids"], x["sep"], return_dict=True).logits.numpy()
+
+    np.testing.assert_array_equal(logits(dropping), logits(plain))  # eval mode: dropout is the identity
+    dropping.train()
+    paddle.seed(0)
+    assert relative_error(logits(dropping), logits(plain)) > 1e-2
+
+
 def test_lora_trains_only_adapter_weights_and_recomputes_every_layer(monkeypatch):
     model, _ = twin_models()
     # `.*mlp.*` also names the GLMMLP container, which PaddleNLP's LoRAModel refuses: apply_lora narrows it.
