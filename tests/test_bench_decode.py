@@ -23,7 +23,7 @@ def test_greedy_equals_paddlenlp_generate_on_a_padded_batch():
     assert ours_tokens == their_tokens
 
 
-def test_script_prints_figures_agreement_and_the_paddlenlp_beam_crash():
+def test_script_prints_figures_agreement_the_split_and_the_paddlenlp_beam_crash():
     result = subprocess.run(
         [sys.executable, SCRIPT, "--only", "tiny", "--new-tokens", "4", "--prompts", "2", "--shortest", "10",
          "--longest", "20"],
@@ -33,3 +33,6 @@ def test_script_prints_figures_agreement_and_the_paddlenlp_beam_crash():
     assert "greedy tokens, ours vs PaddleNLP: 2/2 prompts identical" in result.stdout
     assert "PaddleNLP beam search: crashed" in result.stdout
     assert "tok/s" in result.stdout
+    for kind in decode.SPLIT:
+        assert f"    {kind}" in result.stdout
+    assert "x the read floor" in result.stdout
