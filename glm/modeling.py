@@ -66,6 +66,8 @@ class DecodingCache:
 
     def write(self, key, value):
         """This step's key and value of every row, [B, heads, beams, head_dim], into the next free slots."""
+        if self.length + self.beams > self.keys.shape[2]:  # a slice past the end would write nothing, silently
+            raise ValueError(f"DecodingCache is full: {self.keys.shape[2]} key positions")
         self.keys[:, :, self.length : self.length + self.beams] = key
         self.values[:, :, self.length : self.length + self.beams] = value
         self.length += self.beams
@@ -96,6 +98,8 @@ class DecodingMask:
     def advance(self):
         """Before a step: each row also sees the slot its new token's key and value are written to."""
         start = self.memory + self.steps * self.beams
+        if start + self.beams > self.bias.shape[1]:
+            raise ValueError(f"DecodingMask is full: {self.bias.shape[1]} key positions")
         self.bias[:, start : start + self.beams] = self.own_slot
         self.steps += 1
 

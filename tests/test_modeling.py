@@ -289,3 +289,17 @@ def test_bad_attention_mask_shape_is_a_clear_error(tiny_model):
         tiny_model(ids, attention_mask=paddle.ones([2, 1, 5, 4]))
     with pytest.raises(ValueError, match="1-D .* or 4-D"):
         tiny_model(ids, attention_mask=paddle.ones([2, 5]))
+
+
+def test_a_full_decoding_cache_raises_instead_of_dropping_keys():
+    memory = (paddle.zeros([2, 4, 3, 8]), paddle.zeros([2, 4, 3, 8]))  # 2 sources, 4 heads, 3 positions
+    cache = glm.modeling.DecodingCache(memory, beams=2, capacity=1)
+    mask = glm.modeling.DecodingMask(np.ones([2, 3], dtype=bool), beams=2, capacity=1)
+    step = paddle.ones([2, 4, 2, 8])
+    mask.advance()
+    cache.write(step, step)
+    assert cache.memory_length == 5
+    with pytest.raises(ValueError, match="DecodingCache is full"):
+        cache.write(step, step)
+    with pytest.raises(ValueError, match="DecodingMask is full"):
+        mask.advance()
