@@ -41,10 +41,14 @@ from bench.workloads import (  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
 from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
 from glm.modeling import DecodingCache, DecodingMask, GLMAttention  # noqa: E402
+from glm.packed_gemm import packed_transposed  # noqa: E402
 from glm.tokenization import GLMSpecialIds  # noqa: E402
 
 BEAMS = 5
 
+
+# Wall time by default; --cpu-time: the process's CPU time, steadier when other jobs share the cores.
+clock = time.perf_counter
 
 SPLIT = ("weight matmuls", "attention", "cache writes/copies", "masks/positions", "reorder/drop rows",
          "search (NumPy)", "host transfers", "other ops")
@@ -67,11 +71,11 @@ class StepSplit:
             # paddle.concat is a cache copy only when GLMAttention.forward concatenates the memory itself
             charged = kind(self.stack) if callable(kind) else kind
             self.stack.append([charged, 0.0])
-            start = time.perf_counter()
+            start = clock()
             try:
                 return function(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 _, children = self.stack.pop()
                 if charged is not None:
                     self.seconds[charged] += elapsed - children
@@ -130,9 +134,9 @@ def step_split(generator, model, sources, strategy, beams, new_tokens, repeats=3
             config = GenerationConfig(decode_strategy=strategy, num_beams=beams, tgt_length=tokens)
             split = StepSplit()
             with split.watching(model, generator):
-                start = time.perf_counter()
+                start = clock()
                 generator.generate(sources, config)
-                total = time.perf_counter() - start
+                total = clock() - start
             split.seconds["other ops"] += total - sum(split.seconds.values())
             splits.append(split.seconds)
         differences.append({kind: (splits[0][kind] - splits[1][kind]) / (new_tokens - 1) for kind in SPLIT})
@@ -147,14 +151,16 @@ def weight_matmul_seconds(model, row_counts, repeats=5):
     inputs = {rows: ([paddle.randn([rows, 1, layer.weight.shape[0]]) for layer in linears], paddle.randn([rows, hidden]))
               for rows in row_counts}
     seconds = {rows: [] for rows in row_counts}
+    model.packed_lm_head = packed_transposed(model.glm.word_embeddings.weight, max(row_counts))  # as generate does
     with paddle.no_grad():
         for _ in range(repeats + 1):  # the first round warms up
             for rows, (linear_inputs, head_input) in inputs.items():
-                start = time.perf_counter()
+                start = clock()
                 for layer, x in zip(linears, linear_inputs):
                     layer(x)
                 model.lm_logits(head_input)
-                seconds[rows].append(time.perf_counter() - start)
+                seconds[rows].append(clock() - start)
+    model.packed_lm_head = None
     return {rows: float(np.median(times[1:])) for rows, times in seconds.items()}
 
 
@@ -165,10 +171,10 @@ def weight_read_seconds(model, repeats=5):
     weights.append(model.glm.word_embeddings.weight)  # the LM head
     seconds = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start = clock()
         for weight in weights:
             weight.sum()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
     return float(np.median(seconds[1:])), sum(weight.numel().item() for weight in weights)
 
 
@@ -181,9 +187,9 @@ def gemm_flops_per_second(size=2048, repeats=3):
 
 
 def _seconds(function):
-    start = time.perf_counter()
+    start = clock()
     function()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def print_floors(model, rows, steps):
@@ -203,7 +209,7 @@ def print_floors(model, rows, steps):
 def print_step_splits(splits, rows):
     """splits: {label: step_split(...)}; rows: {label: rows decoded per step}."""
     labels = list(splits)
-    print("  per decoding step, ms (exclusive wall time by kind of work; "
+    print(f"  per decoding step, ms (exclusive {'CPU' if clock is time.process_time else 'wall'} time by kind of work; "
           + ", ".join(f"{label}: {rows[label]} rows" for label in labels) + ")", flush=True)
     print("    " + f"{'':22s}" + "".join(f"{label:>14s}" for label in labels), flush=True)
     for kind in SPLIT + ("step",):
@@ -296,9 +302,9 @@ def bench(name, args):
     # Interleave the engines so drift in machine load hits all alike.
     for step in range(args.steps):
         for label, run in runs.items():
-            start = time.perf_counter()
+            start = clock()
             outputs[label] = run()
-            seconds[label].append(time.perf_counter() - start)
+            seconds[label].append(clock() - start)
             print(f"  run {step + 1}/{args.steps} {label:17s} {seconds[label][-1]:7.2f} s", flush=True)
 
     for label, tokens in outputs.items():
@@ -344,11 +350,17 @@ def main():
     parser.add_argument("--longest", type=int, default=200, help="longest source, in tokens (default 200)")
     parser.add_argument("--ours-only", action="store_true",
                         help="leave PaddleNLP out: our tokens/s, the per-step split and the floors")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU time, not wall time: steadier on a shared machine; meant "
+                             "for OMP_NUM_THREADS=1 (with more threads it adds theirs up, OpenMP's spinning too)")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="after timing, cProfile one run of ours (greedy, beam) and print its top N functions")
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.cpu_time else time.perf_counter
     start = time.perf_counter()
-    print(f"{describe_machine()}; paddle {paddle.__version__} on {paddle.device.get_device()}", flush=True)
+    print(f"{describe_machine()}; paddle {paddle.__version__} on {paddle.device.get_device()}; "
+          f"{'CPU' if args.cpu_time else 'wall'} time", flush=True)
     ratios = {name: bench(name, args) for name in ([args.only] if args.only else ["tiny", "large"])}
     if not args.ours_only:
         print("ours / PaddleNLP greedy tokens/s: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())

@@ -21,6 +21,7 @@ import numpy as np
 import paddle
 
 from .modeling import DecodingCache, DecodingMask
+from .packed_gemm import packed_transposed
 from .tokenization import GLMSpecialIds
 
 __all__ = ["GenerationConfig", "GLMGenerator", "generate_answers", "default_banned_ids", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
@@ -105,6 +106,11 @@ class BeamHypotheses:
         if self.config.early_stopping:
             return True
         return self.worst() >= self.penalised(best_open_sum_logprobs, generated)
+
+
+def rows_per_source(config: GenerationConfig) -> int:
+    """Rows a source decodes at once: its beams, or its samples (greedy: one)."""
+    return config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -206,9 +212,13 @@ class GLMGenerator:
         (without <|startofpiece|> and the stop token). Later blanks are conditioned on the best answer."""
         was_training = self.model.training
         self.model.eval()
+        # The LM head is the largest matrix: MKL would re-pack all of it at every step (glm/packed_gemm.py).
+        rows = len(sources) * rows_per_source(config)
+        self.model.packed_lm_head = packed_transposed(self.model.glm.word_embeddings.weight, rows)
         try:
             return self._generate(sources, config)
         finally:
+            self.model.packed_lm_head = None
             if was_training:
                 self.model.train()
 
@@ -310,7 +320,7 @@ class GLMGenerator:
         cache, memory_valid, logprobs = self._extend(
             cache, memory_valid, sop, position_ids, np.ones((batch, 1), dtype=bool), True, True
         )
-        copies = config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
+        copies = rows_per_source(config)
         rows = self._start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
         search = self._beam_search if config.decode_strategy == "beam_search" else self._sample
         return search(rows, np.repeat(logprobs, copies, axis=0), batch, copies, config, rng)

@@ -400,8 +400,12 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
     def __init__(self, config: GLMConfig):
         super().__init__(config)
         self.glm = GLMModel(config)
+        # While GLMGenerator decodes on CPU: the word embeddings packed for MKL (glm/packed_gemm.py).
+        self.packed_lm_head = None
 
     def lm_logits(self, hidden_states):
+        if self.packed_lm_head is not None and not paddle.is_grad_enabled():
+            return self.packed_lm_head.matmul(hidden_states)
         return paddle.matmul(hidden_states, self.glm.word_embeddings.weight, transpose_y=True)
 
     def forward(
