@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.generation import GenerationConfig, GLMGenerator
+from glm.generation import GenerationConfig, GLMGenerator, top_k_indices
 from glm.tokenization import GLMSpecialIds
 
 IDS = GLMSpecialIds(cls=90, eos=91, sop=95, eop=89, mask=92, smask=93, gmask=94)
@@ -283,3 +283,15 @@ def test_shared_memory_cache_gives_the_same_answers_as_per_row_copies(config, mo
     assert new == old
     assert sum(dropped) > 0  # finished sources did leave the batch
     assert len({len(answer) for blanks in new for answers in blanks for answer in answers}) > 2
+
+
+@pytest.mark.parametrize("width", [300, 250240], ids=["sorted-whole", "sampled-bound"])
+def test_top_k_indices_equals_a_stable_sort(width):
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((4, width)).astype("float32")
+    scores[:, rng.integers(0, width, width // 10)] = -np.inf  # banned tokens
+    scores[1, :] = np.round(scores[1, :], 1)  # many equal scores: ties go to the lower index
+    scores[2, 7] = scores[2, 9] = scores[2].max() + 1.0  # a tie at the top
+    scores[3, : width // 2] = -np.inf  # half a row banned
+    expected = np.argsort(-scores, axis=-1, kind="stable")[:, :15]
+    np.testing.assert_array_equal(top_k_indices(scores, 15), expected)
