@@ -32,7 +32,10 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache"]
+__all__ = [
+    "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache",
+    "DecodingCacheGroup",
+]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -76,6 +79,20 @@ class DecodingCache:
         """Drops finished sources: keeps memory `sources` and their generated `rows`."""
         self.keys, self.values = paddle.index_select(self.keys, sources), paddle.index_select(self.values, sources)
         self.reorder(rows)
+
+
+class DecodingCacheGroup:
+    """Several DecodingCaches (one layer each, of different sources, memory lengths, beam widths and generated
+    counts) stepped by one forward: their rows are concatenated, in order, for every weight matmul, and
+    attention runs per cache over its own keys (glm/serving's continuous batching). The 4-D mask spans the
+    longest cache's keys; each cache reads its own leading part of its rows."""
+
+    def __init__(self, caches: List[DecodingCache]):
+        self.caches = caches
+
+    @property
+    def memory_length(self) -> int:
+        return max(cache.memory_length for cache in self.caches)
 
 
 def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
@@ -132,6 +149,16 @@ class GLMAttention(nn.Layer):
         if isinstance(cache, DecodingCache):
             context = self._decoding_attention(query, key, value, bias, cache)
             context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
+            return self.output_dropout(self.dense(context)), cache
+        if isinstance(cache, DecodingCacheGroup):
+            contexts, start = [], 0
+            for part in cache.caches:
+                end, keys = start + part.keys.shape[0] * part.beams, part.memory_length + 1
+                contexts.append(self._decoding_attention(
+                    query[start:end], key[start:end], value[start:end], bias[start:end, :, :, :keys], part
+                ))  # fmt: skip
+                start = end
+            context = paddle.concat(contexts).transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
             return self.output_dropout(self.dense(context)), cache
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
@@ -314,7 +341,9 @@ def _check_runs_here(tensor):
 
 
 def _memory_length(layer_cache) -> int:
-    return layer_cache.memory_length if isinstance(layer_cache, DecodingCache) else layer_cache[0].shape[2]
+    if isinstance(layer_cache, (DecodingCache, DecodingCacheGroup)):
+        return layer_cache.memory_length
+    return layer_cache[0].shape[2]
 
 
 @register_base_model
