@@ -42,7 +42,9 @@ DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the emb
 
 
 @dataclass
-class PredictArguments:
+class ModelFlags:
+    """What loading a checkpoint for answering takes: predict_generation.py's flags, which server.py shares."""
+
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={"help": f"GLM checkpoint directory or PaddleNLP name (default: {shown(DEFAULT_MODEL)}, the "
@@ -50,22 +52,26 @@ class PredictArguments:
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
     force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
+    src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
+    tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
+    mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
+    dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
+
+
+@dataclass
+class PredictArguments(ModelFlags):
     data_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines input (default: prompts from stdin)."})
     output_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines output (default: stdout)."})
     overwrite_output: bool = field(
         default=False, metadata={"help": "Start afresh instead of resuming an OUTPUT.partial made from other inputs."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sources decoded together."})
-    src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
-    tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
-    mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
     src_key: Optional[str] = field(default=None, metadata={"help": "Source field (default: auto-detected)."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
-    dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of sampling."})
 
 
-def load_predictor(args: PredictArguments, generation_args: GenerationArguments) -> Predictor:
+def load_predictor(args: ModelFlags, generation_args: GenerationArguments, seed=None, batch_size=8) -> Predictor:
     path = args.model_name_or_path or DEFAULT_MODEL
     if args.model_name_or_path is None and not os.path.isdir(path):
         raise UserError(
@@ -74,7 +80,7 @@ def load_predictor(args: PredictArguments, generation_args: GenerationArguments)
         )
     return Predictor(
         path, generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
-        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
+        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
     )
 
 
@@ -182,12 +188,17 @@ def parse_arguments(argv):
         args, generation_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         raise UserError(str(error).splitlines()[0]) from None
+    apply_settings(argv, args, generation_args)
+    return args, generation_args
+
+
+def apply_settings(argv, args: ModelFlags, generation_args: GenerationArguments):
+    """Flags not in `argv` from the checkpoint's generation_settings.json; one line says what applies."""
     given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
     settings_file = apply_checkpoint_settings(args.model_name_or_path or DEFAULT_MODEL, given, args, generation_args)
     source = shown(settings_file) if settings_file else "built-in defaults"
     say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
         f"(flags given, then {source})")
-    return args, generation_args
 
 
 def main(argv=None):
@@ -202,7 +213,7 @@ def main(argv=None):
             if not os.path.isfile(args.data_file):
                 raise DataError(f"{args.data_file}: no such file")
             fingerprint = output_fingerprint(args, generation_args)
-        predictor = load_predictor(args, generation_args)
+        predictor = load_predictor(args, generation_args, args.seed, args.batch_size)
         if args.data_file:
             predict_file(predictor, args, fingerprint)
         else:
