@@ -166,6 +166,28 @@ def test_sources_join_the_running_batch_and_leave_when_done(micro_weights_model,
     assert rows[-1] < max(rows)  # and the batch shrank as sources finished
 
 
+def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_weights_model):  # noqa: F811
+    """Greedy, sampling and two beam widths, at two max_tokens (pooled attention per capacity, one source
+    attending alone), all in the same steps: one forward per step, every answer as generate alone gives it."""
+    predictor = load_predictor(micro_weights_model)
+    requests = [({"temperature": 0}, 12), ({"temperature": 0}, 8), ({"temperature": 0.7, "seed": 1, "n": 2}, 12),
+                ({"num_beams": 3}, 12), ({"num_beams": 2, "n": 2}, 12)]  # fmt: skip
+    work = []
+    for (fields, tokens), prompt in zip(requests, PROMPTS + PROMPTS):
+        config = decoding_config(CompletionRequest(prompt="", max_tokens=tokens, **fields), GenerationArguments(**DEFAULTS), 12, 128)
+        ids = predictor.builder.build(prompt).input_ids
+        work.append((ids, config, predictor.generator.generate([ids], config)[0]))
+    engine = Engine(predictor.generator)
+    rows = []
+    engine.on_step = rows.append
+    listeners = [Recorder() for _ in work]
+    engine.submit([Source(ids, config, listener) for (ids, config, _), listener in zip(work, listeners)])
+    while engine._live or engine._queue:
+        engine.run_once()
+    assert [listener.result for listener in listeners] == [alone for _, _, alone in work]
+    assert max(rows) == 1 + 1 + 2 + 3 + 2  # every source's rows in one step
+
+
 def test_engine_queue_bound_and_time_limit(micro_weights_model):  # noqa: F811
     predictor = load_predictor(micro_weights_model)
     engine = Engine(predictor.generator, max_rows=2, max_queue=1)

@@ -30,7 +30,7 @@ import paddle
 from paddlenlp.utils.log import logger
 
 from ..generation import GenerationConfig, GLMGenerator, _DecodingRows
-from ..modeling import DecodingCache, DecodingCacheGroup
+from ..modeling import DecodingCache, DecodingCacheGroup, PooledDecodingCache
 
 __all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull"]
 
@@ -144,6 +144,7 @@ class Engine:
         self._stopping = False
         self._thread = None
         self._turn = threading.Semaphore(0)  # released when the running source waits or ends: the engine's turn
+        self._memory_stacks = {}  # (layer, the sources' memory ids) -> their stacked memory, while they decode
 
     # -- what the server calls (any thread) ---------------------------------------------------------------
 
@@ -299,16 +300,42 @@ class Engine:
         return GLMGenerator._logprobs(self.generator, hidden), cache
 
     def _step(self, steps: List[Source]) -> List[tuple]:
-        """One decoding step of several sources as one forward; per source (log-probabilities, cache)."""
+        """One decoding step of several sources as one forward; per source (log-probabilities, cache).
+        Sources whose caches have the same capacity (max_tokens) are pooled: their attention is one set of
+        operations (PooledDecodingCache); a source alone in its capacity attends on its own."""
         if len(steps) == 1:  # alone: exactly predict's call
             return [self._model_call(*steps[0]._job)]
-        jobs = [source._job for source in steps]
-        layers = len(jobs[0][0])
-        cache = [DecodingCacheGroup([job[0][layer] for job in jobs]) for layer in range(layers)]
-        keys = max(job[3].shape[-1] for job in jobs)
-        mask = np.concatenate([np.pad(job[3], [(0, 0)] * 3 + [(0, keys - job[3].shape[-1])]) for job in jobs])
+        classes = {}
+        for source in steps:
+            cache, mask = source._job[0], source._job[3]
+            # pooling derives the mask from the lengths: only for unpadded memory (one source per generate)
+            classes.setdefault(cache[0].own_keys.shape[2] if mask.all() else id(source), []).append(source)
+        ordered = [source for members in classes.values() for source in members]
+        layers = len(ordered[0]._job[0])
+        parts, masks, stacks = [[] for _ in range(layers)], [], {}
+        for members in classes.values():
+            if len(members) == 1:
+                for layer in range(layers):
+                    parts[layer].append(members[0]._job[0][layer])
+                masks.append(members[0]._job[3])
+                continue
+            for layer in range(layers):
+                caches = [source._job[0][layer] for source in members]
+                key = (layer,) + tuple(id(cache.keys) for cache in caches)
+                # the stacked memory holds the sources' memory tensors alive, so their ids stay theirs
+                memory = self._memory_stacks.get(key) or (PooledDecodingCache.stack_memory(caches), [c.keys for c in caches])
+                stacks[key] = memory
+                parts[layer].append(PooledDecodingCache(caches, memory[0]))
+            masks.append(parts[0][-1].mask())
+        self._memory_stacks = stacks  # only the current sources' stacks are kept
+        cache = [DecodingCacheGroup(layer_parts) for layer_parts in parts]
+        keys = max(mask.shape[-1] for mask in masks)
+        mask = np.concatenate([np.pad(mask, [(0, 0)] * 3 + [(0, keys - mask.shape[-1])]) for mask in masks])
+        jobs = [source._job for source in ordered]
         logprobs, _ = self._model_call(
             cache, np.concatenate([job[1] for job in jobs]), np.concatenate([job[2] for job in jobs]), mask
         )
         bounds = np.cumsum([0] + [len(job[1]) for job in jobs])
-        return [(logprobs[start:end], job[0]) for start, end, job in zip(bounds[:-1], bounds[1:], jobs)]
+        results = {id(source): (logprobs[start:end], source._job[0])
+                   for source, start, end in zip(ordered, bounds[:-1], bounds[1:])}  # fmt: skip
+        return [results[id(source)] for source in steps]
