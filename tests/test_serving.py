@@ -5,7 +5,6 @@ Every server here listens on 127.0.0.1 only, on a port the OS picks, and is stop
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import threading
 import time

@@ -11,7 +11,8 @@ model call each one is waiting on, and then runs them:
     per source, exactly as predict with --batch_size 1 runs it;
   * one decoding step of every source that is decoding, whatever its strategy, beam width, memory length
     or generated count: ONE forward (glm.modeling.DecodingCacheGroup: the rows of all sources go through
-    every weight matmul together, attention runs per source over its own cache).
+    every weight matmul together; the sources whose caches have the same capacity attend as one pool of
+    rows, glm.modeling.PooledDecodingCache, each over its own memory and generated keys).
 
 So the search (processors, candidates, beam hypotheses, finished sources leaving) is generate's, not a
 copy. A source decoding alone runs the same operations on the same shapes as predict with --batch_size 1,
@@ -187,8 +188,14 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _loop(self):
-        while self.run_once(wait=0.5):
-            pass
+        while True:
+            try:
+                if not self.run_once(wait=0.5):
+                    return
+            except Exception as error:  # noqa: BLE001  (a bug here must not leave every request waiting)
+                logger.error(f"engine step failed: {type(error).__name__}: {error}")
+                for source in self._live:
+                    source.cancel(f"engine error: {error}")
 
     @paddle.no_grad()
     def run_once(self, wait: float = 0.0) -> bool:
