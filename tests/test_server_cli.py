@@ -49,6 +49,7 @@ def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits
     "flags, message",
     [
         (["--model_name_or_path", "{tmp}/none"], "no such model directory"),
+        (["--lora_path", "{tmp}"], "no lora_config.json"),  # adapters are verified as predict verifies them
         (["--max_queue", "0"], "--max_queue must be at least 1"),
         (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
         (["--decode_strategy", "beam"], "decode_strategy must be one of"),
