@@ -75,7 +75,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # from here a client's connection waits in the backlog while the app starts
     return sock
 
 
