@@ -1,5 +1,5 @@
 """One request's decoding as the event loop sees it: its sources in the engine, and their answers arriving
-as events on an asyncio queue (the source threads hand them over with loop.call_soon_threadsafe, so the
+as events on an asyncio queue (the engine's thread hands them over with loop.call_soon_threadsafe, so the
 loop never waits on the model)."""
 
 import asyncio
@@ -22,7 +22,7 @@ class Ended(Exception):
 
 
 class _Listener(SourceListener):
-    """In a source's thread: tokens to text pieces (greedy and sampling only: beams reorder, so a beam
+    """On the engine's thread, between a source's steps: tokens to text pieces (greedy and sampling only: beams reorder, so a beam
     answer is known when its blank is decided), forwarded to the loop."""
 
     def __init__(self, generation: "Generation", index: int, decode, config: GenerationConfig, pad: int):
