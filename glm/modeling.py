@@ -249,7 +249,8 @@ class GLMAttention(nn.Layer):
         """`_decoding_attention` for all rows of a PooledDecodingCache at once: the same scores, one softmax
         over each row's memory and generated keys (the padding is masked)."""
         lengths = [part.length for part in cache.caches]
-        at = paddle.to_tensor(np.repeat(lengths, cache.rows)).reshape([-1, 1, 1, 1]).expand(key.shape)
+        # paddle.assign, not to_tensor: Paddle 3.3's to_tensor leaks a small list per call (never freed)
+        at = paddle.assign(np.repeat(lengths, cache.rows).astype("int64")).reshape([-1, 1, 1, 1]).expand(key.shape)
         own_keys = paddle.put_along_axis(paddle.concat([part.own_keys for part in cache.caches]), at, key, axis=2)
         own_values = paddle.put_along_axis(paddle.concat([part.own_values for part in cache.caches]), at, value, axis=2)
         query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
