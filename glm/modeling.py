@@ -124,10 +124,11 @@ class PooledDecodingCache:
 
 
 class DecodingCacheGroup:
-    """Several DecodingCaches (one layer each, of different sources, memory lengths, beam widths and generated
-    counts) stepped by one forward: their rows are concatenated, in order, for every weight matmul, and
-    attention runs per cache over its own keys (glm/serving's continuous batching). The 4-D mask spans the
-    longest cache's keys; each cache reads its own leading part of its rows."""
+    """Several sources' caches of one layer (different memory lengths, beam widths and generated counts)
+    stepped by one forward (glm/serving's continuous batching): their rows are concatenated, in order, for
+    every weight matmul; attention runs per part, a DecodingCache over its own keys, a PooledDecodingCache
+    for all its rows at once. The 4-D mask spans the widest part's keys; each part reads its own leading
+    columns of its rows."""
 
     def __init__(self, caches: List[DecodingCache]):
         self.caches = caches
