@@ -35,8 +35,9 @@ def atomic_file(path: str, binary: bool = False):
         with os.fdopen(handle, "wb") if binary else os.fdopen(handle, "w", encoding="utf-8") as f:
             yield f
         os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
+    except BaseException:  # also a Ctrl-C or SIGTERM, which may come after the rename
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
 
 

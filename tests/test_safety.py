@@ -139,6 +139,19 @@ def test_outputs_are_written_with_the_users_umask(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
 
 
+def test_a_stop_right_after_an_atomic_rename_is_still_a_stop(tmp_path, monkeypatch):
+    rename = os.replace
+
+    def rename_then_ctrl_c(source, target):
+        rename(source, target)
+        raise KeyboardInterrupt  # SIGINT/SIGTERM handled in the next bytecode, still inside atomic_file
+
+    monkeypatch.setattr(glm.files.os, "replace", rename_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # not a FileNotFoundError removing the renamed temporary
+        write_json_atomic(str(tmp_path / "a.json"), {"x": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and os.listdir(tmp_path) == ["a.json"]
+
+
 def test_results_and_state_are_replaced_whole(micro_model, micro_data, tmp_path):  # noqa: F811
     trainer = run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "1")
     written = {name: (tmp_path / name).read_bytes() for name in ("train_results.json", "all_results.json", "trainer_state.json")}
