@@ -20,12 +20,12 @@ import uvicorn
 from paddlenlp.trainer import PdArgumentParser
 
 from glm.errors import UserError, exit_on_user_error
-from glm.prediction import GENERATION_SETTINGS, GenerationArguments
+from glm.prediction import GENERATION_SETTINGS, CheckpointArguments, GenerationArguments, load_predictor, resolve_settings
 from glm.serving.app import ServeOptions, create_app
 from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say
-from predict_generation import DEFAULT_MODEL, ModelFlags, apply_settings, load_predictor
 
 API_KEY_VARIABLE = "GLM_API_KEY"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "glm-tiny-chinese")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ServeArguments:
 def parse_arguments(argv):
     configure_logging(argv)
     parser = PdArgumentParser(
-        (ModelFlags, GenerationArguments, ServeArguments, ConsoleArguments),
+        (CheckpointArguments, GenerationArguments, ServeArguments, ConsoleArguments),
         formatter_class=HelpFormatter,
         description=f"Decoding flags are the server's defaults; a request's own settings override them. Flags not "
         f"given come from the checkpoint's {GENERATION_SETTINGS}, then from the defaults below.",
@@ -55,7 +55,7 @@ def parse_arguments(argv):
         model_args, generation_args, serve_args, console_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         raise UserError(str(error).splitlines()[0]) from None
-    apply_settings(argv, model_args, generation_args)
+    resolve_settings(argv, model_args, generation_args, DEFAULT_MODEL)
     serve_args.api_key = serve_args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     for name in ("max_queue", "max_batch_rows", "max_body_bytes"):
         if getattr(serve_args, name) < 1:
@@ -88,8 +88,8 @@ class _Server(uvicorn.Server):
 def main(argv=None):
     with exit_on_user_error():
         model_args, generation_args, serve_args, console_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-        predictor = load_predictor(model_args, generation_args, batch_size=1)
-        path = model_args.model_name_or_path or DEFAULT_MODEL
+        predictor = load_predictor(model_args, generation_args, DEFAULT_MODEL, batch_size=1)
+        path = model_args.model_path(DEFAULT_MODEL)
         options = ServeOptions(
             model_name=serve_args.served_model_name or os.path.basename(os.path.normpath(path)),
             api_key=serve_args.api_key, max_body_bytes=serve_args.max_body_bytes, max_queue=serve_args.max_queue,
