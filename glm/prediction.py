@@ -148,8 +148,8 @@ class CheckpointArguments:
 
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "GLM checkpoint directory or PaddleNLP name (default: the embedded default "
-                          "checkpoints/glm-tiny-chinese of the checkout, once `python finetune_generation.py` has trained it)."},
+        metadata={"help": "GLM checkpoint directory or PaddleNLP name (default: checkpoints/glm-tiny-chinese, the "
+                          "embedded default once `python finetune_generation.py` has trained it, in the checkout)."},
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
     force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
