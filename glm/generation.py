@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import paddle
 
-from .modeling import DecodingCache, DecodingMask
+from .modeling import DecodingCache, DecodingMask, DecodingMaskGroup
 from .packed_gemm import packed_transposed
 from .tokenization import GLMSpecialIds
 
@@ -213,12 +213,16 @@ class GLMGenerator:
         was_training = self.model.training
         self.model.eval()
         # The LM head is the largest matrix: MKL would re-pack all of it at every step (glm/packed_gemm.py).
-        rows = len(sources) * rows_per_source(config)
-        self.model.packed_lm_head = packed_transposed(self.model.glm.word_embeddings.weight, rows)
+        # A caller that packed it already (glm/serving's engine, for all its rows) keeps its pack.
+        packing = self.model.packed_lm_head is None
+        if packing:
+            rows = len(sources) * rows_per_source(config)
+            self.model.packed_lm_head = packed_transposed(self.model.glm.word_embeddings.weight, rows)
         try:
             return self._generate(sources, config)
         finally:
-            self.model.packed_lm_head = None
+            if packing:
+                self.model.packed_lm_head = None
             if was_training:
                 self.model.train()
 
@@ -268,8 +272,9 @@ class GLMGenerator:
         return cache, np.concatenate([memory_valid, new_valid], axis=1), logprobs
 
     def _forward(self, cache, input_ids, position_ids, mask):
-        """The model over NumPy inputs; `mask` is a 0/1 array or a DecodingMask (the decoding steps')."""
-        mask = mask if isinstance(mask, DecodingMask) else _tensor(mask)
+        """The model over NumPy inputs; `mask` is a 0/1 array, a DecodingMask (the decoding steps') or a
+        DecodingMaskGroup (glm/serving's steps of several sources)."""
+        mask = mask if isinstance(mask, (DecodingMask, DecodingMaskGroup)) else _tensor(mask)
         return self.model.glm(_tensor(input_ids), _tensor(position_ids), mask, cache=cache, use_cache=True,
                               return_dict=False)
 

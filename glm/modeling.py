@@ -33,7 +33,10 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache", "DecodingMask"]
+__all__ = [
+    "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache",
+    "DecodingMask", "DecodingCacheGroup", "DecodingMaskGroup",
+]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -114,6 +117,27 @@ class DecodingMask:
         return self.bias.reshape([rows // self.beams, 1, self.beams, keys])
 
 
+class DecodingCacheGroup:
+    """Several sources' DecodingCaches of one layer (different memory lengths, beam widths and generated
+    counts: glm/serving's continuous batching) stepped by one forward: their rows, concatenated in order,
+    go through every weight matmul together; attention runs per cache over its own keys, under the
+    matching DecodingMask of a DecodingMaskGroup."""
+
+    def __init__(self, caches: List[DecodingCache]):
+        self.caches = caches
+
+    @property
+    def memory_length(self) -> int:
+        return max(cache.memory_length for cache in self.caches)
+
+
+class DecodingMaskGroup:
+    """The DecodingMasks of a DecodingCacheGroup's caches, in the same order."""
+
+    def __init__(self, masks: List[DecodingMask]):
+        self.masks = masks
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout that returns its input untouched when not training: Paddle's launches a copy kernel in eval
     mode, four per layer of every decoding step."""
@@ -130,10 +154,13 @@ def attention_bias(attention_mask, batch_size: int, query_length: int, memory_le
       int [B] or [1]  -> `sep` per row: query i (absolute index M+i) sees key j iff j < sep or j <= M+i,
                          i.e. the source before sep is bidirectional and the target is causal;
       0/1 or bool [B, 1, q, M+q] -> 1 where attending is allowed (can also hide padding);
-      DecodingMask    -> its bias [B, 1, beams, keys], for one token per row over DecodingCache.
+      DecodingMask    -> its bias [B, 1, beams, keys], for one token per row over DecodingCache;
+      DecodingMaskGroup -> the list of its masks' biases, for a DecodingCacheGroup.
     """
     if isinstance(attention_mask, DecodingMask):
         return attention_mask.layer_bias()
+    if isinstance(attention_mask, DecodingMaskGroup):
+        return [mask.layer_bias() for mask in attention_mask.masks]
     key_length = memory_length + query_length
     if attention_mask is None:
         attention_mask = paddle.zeros([batch_size], dtype="int64")
@@ -170,7 +197,15 @@ class GLMAttention(nn.Layer):
 
     def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
         if isinstance(cache, DecodingCache):
-            return self.output_dropout(self.dense(self._decoding_attention(hidden_states, bias, cache))), cache
+            context = self._decoding_attention(self.query_key_value(hidden_states), bias, cache)
+            return self.output_dropout(self.dense(context)), cache
+        if isinstance(cache, DecodingCacheGroup):  # one projection for all rows, attention per source
+            qkv, contexts, start = self.query_key_value(hidden_states), [], 0
+            for part, part_bias in zip(cache.caches, bias):
+                end = start + part.keys.shape[0] * part.beams
+                contexts.append(self._decoding_attention(qkv[start:end], part_bias, part))
+                start = end
+            return self.output_dropout(self.dense(paddle.concat(contexts))), cache
         batch_size, query_length = hidden_states.shape[:2]
         # The fused projection lays out [q | k | v] along the last axis, each [heads * head_dim]. Split
         # first: its backward is a concat, where slicing one 5-D tensor scatters into zeros (2x slower).
@@ -202,13 +237,13 @@ class GLMAttention(nn.Layer):
         probs = self.attention_dropout(probs)
         return paddle.matmul(probs, value)  # [B, heads, q, head_dim]
 
-    def _decoding_attention(self, hidden_states, bias, cache: DecodingCache):
+    def _decoding_attention(self, qkv, bias, cache: DecodingCache):
         """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over the
-        keys the row sees. hidden_states [R, 1, hidden], R = sources x beams; bias [B, 1, beams, keys].
-        Few ops, each over all rows: at one token per row a step is mostly dispatch, not arithmetic."""
-        rows, beams = hidden_states.shape[0], cache.beams
+        keys the row sees. qkv [R, 1, 3 * hidden] (the projection), R = sources x beams; bias [B, 1, beams,
+        keys]. Few ops, each over all rows: at one token per row a step is mostly dispatch, not arithmetic."""
+        rows, beams = qkv.shape[0], cache.beams
         # A source's beams as the rows of one matrix: [3, B, heads, beams, head_dim] for q, k, v.
-        qkv = self.query_key_value(hidden_states).reshape([rows // beams, beams, 3, self.num_heads, self.head_dim])
+        qkv = qkv.reshape([rows // beams, beams, 3, self.num_heads, self.head_dim])
         query, key, value = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)
         cache.write(key, value)
         query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
@@ -349,7 +384,9 @@ def _check_runs_here(tensor):
 
 
 def _memory_length(layer_cache) -> int:
-    return layer_cache.memory_length if isinstance(layer_cache, DecodingCache) else layer_cache[0].shape[2]
+    if isinstance(layer_cache, (DecodingCache, DecodingCacheGroup)):
+        return layer_cache.memory_length
+    return layer_cache[0].shape[2]
 
 
 @register_base_model

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, run_outside_checkout
 
-import console
 import finetune_generation
 import predict_generation
-from training_curve import CURVE_FILE, plot_training_curve
+from glm.training import console
+from glm.training.curve import CURVE_FILE, plot_training_curve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEFAULT_MODEL = os.path.join(ROOT, "configs", "glm-tiny-chinese")
 QUICK = ["--max_eval_samples", "4", "--report_to", "none"]  # step caps come with each command
 
@@ -119,13 +119,34 @@ def test_one_coherent_default(flags, expected):
     assert got[:3] == expected[:3] and got[3].endswith(expected[3])
 
 
-def test_a_named_model_with_the_anchor_lengths_says_what_fits(tmp_path):
-    result = script("finetune_generation.py", "--model_name_or_path", TINY_DEFAULT_MODEL, "--output_dir", str(tmp_path))
+def test_a_named_model_without_a_recipe_takes_its_settings_or_fits_the_lengths(tmp_path, capsys):
+    # A checkpoint this toolkit wrote: the lengths and decoding it was trained with (generation_settings.json).
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(TINY_DEFAULT_MODEL, finetuned)
+    (finetuned / "generation_settings.json").write_text(json.dumps({"src_length": 40, "tgt_length": 48, "num_beams": 3}))
+    parse = finetune_generation.parse_generation_arguments
+    parsed = parse(["--model_name_or_path", str(finetuned), "--num_beams", "2", "--output_dir", "x"])
+    assert (parsed[1].src_length, parsed[1].tgt_length, parsed[2].num_beams) == (40, 48, 2)  # a flag given wins
+    assert "generation_settings.json (the lengths and decoding the model was trained with)" in capsys.readouterr().err
+    # Without one, THUDM's lengths come down to the model's maximum, with a note; a length given stays.
+    parsed = parse(["--model_name_or_path", TINY_DEFAULT_MODEL, "--output_dir", "x"])
+    assert (parsed[1].src_length, parsed[1].tgt_length) == (256, 160)
+    assert "with src_length 608 → 256 (the model's max_sequence_length)" in capsys.readouterr().err
+    result = script("finetune_generation.py", "--model_name_or_path", TINY_DEFAULT_MODEL, "--src_length", "300",
+                    "--output_dir", str(tmp_path / "out"))  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (
-        "error: --src_length 608 exceeds the model's max_sequence_length 256: pass --src_length 256 or less, or the "
-        "recipe configs/tiny-default.json (without a recipe the lengths default to THUDM's glm-large-chinese recipe)"
+        "error: --src_length 300 exceeds the model's max_sequence_length 256: pass --src_length 256 or less, or the "
+        "recipe configs/tiny-default.json"
     )
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty --output_dir
+
+
+def test_do_eval_false_also_skips_a_recipes_evaluation_before_training():
+    parse = finetune_generation.parse_generation_arguments
+    assert parse([])[1].eval_before_training  # the embedded default's recipe asks for it
+    assert not parse(["--do_eval", "false"])[1].eval_before_training
+    assert parse(["--do_eval", "false", "--eval_before_training", "true"])[1].eval_before_training
 
 
 def test_lora_on_the_embedded_default_takes_the_readme_path(tmp_path):
@@ -186,27 +207,11 @@ def readme_python_snippet():
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_installed_package_runs_the_readme_snippet(default_job, tmp_path):
-    source = tmp_path / "src"  # what `pip install .` reads, copied so the build leaves nothing in the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "requirements.txt", "README.md"):
-        shutil.copy(os.path.join(ROOT, name), source)
-    shutil.copytree(os.path.join(ROOT, "glm"), source / "glm", ignore=shutil.ignore_patterns("__pycache__"))
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert install.returncode == 0, install.stderr[-3000:]
-    assert (target / "glm" / "modeling.py").exists()
-
+def test_installed_package_runs_the_readme_snippet(default_job, installed_package, tmp_path):
+    assert (installed_package / "glm" / "modeling.py").exists()
     elsewhere = tmp_path / "elsewhere"  # not the checkout: only the installed package can be imported
     shutil.copytree(default_job[0], elsewhere / "checkpoints" / "glm-tiny-chinese")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", readme_python_snippet()], cwd=str(elsewhere), env=dict(env, PYTHONPATH=str(target)),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_outside_checkout(readme_python_snippet(), elsewhere, installed_package)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OMP_NUM_THREADS" not in result.stderr
     printed = result.stdout.strip().splitlines()

@@ -1,0 +1,184 @@
+"""The flags every finetuning task shares, and how a run's command line is read: a recipe JSON followed
+by overriding flags, or flags on top of the task's embedded default recipe."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import paddle
+from paddlenlp.trainer import PdArgumentParser
+from paddlenlp.trainer.trainer_utils import IntervalStrategy
+from paddlenlp.utils.log import logger
+
+from ..errors import UserError
+from ..lora import DEFAULT_LORA_TARGETS
+from ..prediction import apply_checkpoint_settings
+from . import console
+
+__all__ = ["ModelArguments", "DatasetArguments", "parse_arguments", "resolve_amp"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(  # default: the task's (parse_arguments' `defaults`)
+        default=None,
+        metadata={"help": "A GLM checkpoint directory, or a PaddleNLP name such as THUDM/glm-large-chinese."},
+    )
+    label_smoothing: float = field(  # finetune_generation.py's default is THUDM's 0.1 (its `defaults`)
+        default=0.0, metadata={"help": "THUDM's (1-e)*CE + e*mean_vocab(-log p) in generation's token loss."}
+    )
+    lr_decay_ratio: float = field(
+        default=0.1, metadata={"help": "linear/cosine schedules end at learning_rate x this ratio (THUDM)."}
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters only; only they are saved."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Regexes of the Linear layers to adapt, e.g. '.*query_key_value.*' '.*mlp.*'."},
+    )
+    use_flash_attention: bool = field(
+        default=False, metadata={"help": "Fused scaled_dot_product_attention (for GPUs)."}
+    )
+    # Not in a checkpoint's run record (run_record.py): the same attention computed another way.
+    # model_name_or_path is compared by the model's fingerprint (its path may change).
+    free_flags: ClassVar[Tuple[str, ...]] = ("use_flash_attention",)
+
+
+@dataclass
+class DatasetArguments:
+    """The data flags every task script shares; a task subclasses it with its lengths."""
+
+    dataset_name_or_path: Optional[str] = field(  # default: the task's (parse_arguments' `defaults`)
+        default=None,
+        metadata={"help": "Directory with train.json and dev.json (JSON Lines; .jsonl too)."},
+    )
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N dev rows."})
+    eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
+    # Not in a checkpoint's run record (run_record.py): evaluation only, or (skip_bad_rows) a refusal
+    # rather than other rows. dataset_name_or_path is compared by its training file's hash.
+    free_flags: ClassVar[Tuple[str, ...]] = ("skip_bad_rows", "max_eval_samples", "eval_before_training")
+
+    def __post_init__(self):
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be at least 1; got {self.max_eval_samples}")
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, defaults: Optional[Dict[str, str]] = None,
+                    lengths: Sequence[str] = (), checkpoint_settings: bool = False):
+    """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
+    `default_argv` (the embedded default recipe, then its output dir): every flag, the tiny model and its
+    lengths stay together. With --model_name_or_path and no recipe, the dataclass defaults apply (THUDM's
+    glm-large-chinese recipe), except that with `checkpoint_settings` the fields a model directory's
+    generation_settings.json names (the lengths and decoding it was trained with) take its values, as in
+    predict; and the `lengths` fields above the model's max_sequence_length come down to it, with a note.
+    Flags the user gave are never changed. `defaults` ({flag: value}) are the task's own defaults of the
+    dataclass fields, such as its model and dataset paths in the checkout. An explicit `--do_eval false`
+    also turns off a recipe's eval_before_training (unless --eval_before_training is given too). The
+    names of the flags the user gave are kept as training_args.given_flags. Also sets the log level
+    (ConsoleArguments, parsed here and not returned)."""
+    default_recipe = default_argv[0]
+    parser = PdArgumentParser(
+        tuple(dataclass_types) + (console.ConsoleArguments,),
+        formatter_class=console.HelpFormatter,
+        description=f"Give a recipe (configs/*.json) first; flags after it override it. Without a recipe and "
+        f"without --model_name_or_path, flags override the embedded default {console.shown(default_recipe)} "
+        f"(its values, not the defaults below, apply). With --model_name_or_path and no recipe, the defaults "
+        f"below (THUDM's glm-large-chinese recipe) apply.",
+    )
+    parser.set_defaults(**(defaults or {}))
+    given = list(argv)
+    if given and given[0].endswith(".json"):
+        recipe, user_flags = given[0], given[1:]
+        if not os.path.isfile(recipe):
+            raise UserError(f"{recipe}: no such recipe file")
+        flags = user_flags
+    elif any(arg.split("=")[0] == "--model_name_or_path" for arg in given):
+        recipe, user_flags = None, given
+        flags = user_flags
+    else:
+        recipe, user_flags = default_recipe, given
+        flags = list(default_argv[1:]) + user_flags
+    argv = (parser.read_json(recipe) if recipe else []) + flags
+    console.configure_logging(argv)
+    evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in argv)
+    # PaddleNLP turns do_eval into an evaluation every logging_steps, with a warning; here do_eval means
+    # one evaluation at the end (it decodes or scores the whole dev set, which costs far more than a loss
+    # pass), so that warning would contradict what runs.
+    misleading = console.DropLogMessage("evaluation_strategy reset to")
+    if evaluation_at_end:
+        logger.logger.addFilter(misleading)
+    try:
+        *parsed, _ = parser.common_parse(argv, False)  # ConsoleArguments: read by configure_logging
+    except ValueError as error:  # unknown flags, bad values
+        raise UserError(str(error).splitlines()[0]) from None
+    finally:
+        logger.logger.removeFilter(misleading)
+    training_args = parsed[-1]
+    check_sizes(training_args)
+    for arguments in parsed:
+        for name in ("model_name_or_path", "dataset_name_or_path"):
+            if getattr(arguments, name, "") is None:
+                raise UserError(f"--{name} is required")
+    if not (training_args.do_train or training_args.do_eval):
+        training_args.do_train = training_args.do_eval = True
+    if evaluation_at_end:
+        training_args.evaluation_strategy = IntervalStrategy.NO
+    given = frozenset(arg[2:].split("=")[0] for arg in user_flags if arg.startswith("--"))
+    training_args.given_flags = given  # an explicit --do_eval evaluates a finished run again (driver.py)
+    if "do_eval" in given and not training_args.do_eval and "eval_before_training" not in given:
+        for arguments in parsed:
+            if hasattr(arguments, "eval_before_training"):
+                arguments.eval_before_training = False  # --do_eval false: no decoding, not even before training
+    if recipe is None:
+        source = "none: " + model_defaults(parsed, given, lengths, checkpoint_settings)
+    else:
+        embedded = os.path.abspath(recipe) == os.path.abspath(default_recipe)
+        source = console.shown(recipe) + (" (the embedded default)" if embedded else "")
+    if training_args.should_log:
+        console.say(f"recipe   {source}" + (f" + {' '.join(user_flags)}" if user_flags else ""))
+    return tuple(parsed)
+
+
+def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:
+    """The defaults of a run naming its model without a recipe (see parse_arguments), said in a few words."""
+    model = next(arguments.model_name_or_path for arguments in parsed if hasattr(arguments, "model_name_or_path"))
+    source = "the built-in defaults (THUDM's glm-large-chinese recipe)"
+    settings_file = apply_checkpoint_settings(model, given, *parsed) if checkpoint_settings else None
+    if settings_file:
+        source = f"{console.shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
+    config_file = os.path.join(model, "config.json")
+    if not os.path.isfile(config_file):
+        return source  # a PaddleNLP name (the defaults are its recipe's) or a path that loading will refuse
+    with open(config_file, encoding="utf-8") as f:
+        limit = json.load(f).get("max_sequence_length")
+    lowered = []
+    for arguments in parsed:
+        for name in lengths:
+            if name not in given and isinstance(limit, int) and getattr(arguments, name, 0) > limit:
+                lowered.append(f"{name} {getattr(arguments, name)} → {limit}")
+                setattr(arguments, name, limit)
+    if lowered:
+        source += f", with {', '.join(lowered)} (the model's max_sequence_length)"
+    return source
+
+
+def check_sizes(training_args):
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise UserError(f"--{name} must be at least 1; got {getattr(training_args, name)}")
+
+
+def resolve_amp(training_args):
+    """Half precision only where Paddle has the kernels; on CPU one warning, not the Trainer's crash."""
+    if (training_args.fp16 or training_args.bf16) and not paddle.device.is_compiled_with_cuda():
+        logger.warning(
+            "fp16/bf16 need a GPU (Paddle's CPU kernels have no half precision): training in float32 on CPU"
+        )
+        training_args.fp16 = training_args.bf16 = False
+    if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
+        return "float16" if training_args.fp16 else "bfloat16"  # load the weights in half precision directly
+    return None
