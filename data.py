@@ -1,29 +1,23 @@
-"""Reading source -> target datasets (JSON Lines) and turning rows into GLM examples.
+"""The generation task's data: source -> target rows (JSON Lines) turned into GLM examples.
 
-A dataset directory holds `train.json` and `dev.json` (or `.jsonl`), one JSON object per line. The
-source and target fields are found among (src, tgt), (content, summary), (source, target) unless named.
-Every problem in a file stops with one line `FILE:LINE: what is wrong` (a DataError), or, with
-`skip_bad_rows`, the row is dropped and the count reported. A UTF-8 byte order mark is skipped, and a
-file holding one JSON array of objects is read as its items (with a note).
+A dataset directory holds `train.json` and `dev.json` (or `.jsonl`), one JSON object per line, read by
+glm.jsonl (one-line errors, `skip_bad_rows`, BOM, JSON arrays). The source and target fields are found
+among (src, tgt), (content, summary), (source, target) unless named.
 """
 
-import json
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from paddlenlp.utils.log import logger
 
+from glm.errors import DataError
 from glm.inputs import GLMExample, GLMInputBuilder
+from glm.jsonl import read_json_lines
 
-__all__ = ["DataError", "Dataset", "KNOWN_FIELD_PAIRS", "find_split_file", "read_json_lines", "read_rows", "build_examples"]
+__all__ = ["Dataset", "KNOWN_FIELD_PAIRS", "read_rows", "build_examples"]
 
 KNOWN_FIELD_PAIRS = (("src", "tgt"), ("content", "summary"), ("source", "target"))
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-class DataError(ValueError):
-    """Bad data, said in one line that names the file (and line)."""
 
 
 @dataclass
@@ -33,19 +27,6 @@ class Dataset:
     source_key: str
     target_key: Optional[str]  # None when the rows carry no target (prediction input)
     skipped: int = 0
-
-
-def find_split_file(directory: str, split: str) -> str:
-    """`DIR/split.json` or `DIR/split.jsonl`."""
-    if not os.path.isdir(directory):
-        raise DataError(f"{directory}: no such dataset directory")
-    for name in (f"{split}.json", f"{split}.jsonl"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-        if os.path.isdir(path):
-            raise DataError(f"{path} is a directory, not a JSON Lines file")
-    raise DataError(f"{directory}: no {split}.json or {split}.jsonl")
 
 
 def _detect_keys(row: dict, where: str, source_key, target_key, need_target: bool) -> Tuple[str, Optional[str]]:
@@ -76,39 +57,6 @@ def _check_field(row: dict, key: str, where: str):
         raise DataError(f"{where}: {key!r} is empty")
 
 
-def read_json_lines(path: str, check_row: Callable[[dict, str], None], skip_bad_rows: bool = False) -> Tuple[List[dict], int]:
-    """The JSON objects of a JSON Lines file and how many bad ones were skipped. Blank lines are ignored;
-    `check_row(row, "FILE:LINE")` raises a DataError for a bad row (which `skip_bad_rows` drops and counts)."""
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise DataError(f"{path}: {error.strerror.lower()}") from None
-    if data.startswith(UTF8_BOM):
-        logger.info(f"{name}: skipping the UTF-8 byte order mark at its start")
-        data = data[len(UTF8_BOM) :]
-    rows, skipped = [], 0
-    for where, parse in _entries(data, name):
-        try:
-            row = parse()
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            check_row(row, where)
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
-            continue
-        rows.append(row)
-    if not rows:
-        why = f"{skipped} bad rows skipped" if skipped else "the file is empty" if not data else "the file holds only whitespace"
-        raise DataError(f"{name}: no usable rows ({why})")
-    if skipped:
-        logger.warning(f"{name}: skipped {skipped} bad rows of {skipped + len(rows)}")
-    return rows, skipped
-
-
 def read_rows(
     path: str,
     source_key: Optional[str] = None,
@@ -129,35 +77,6 @@ def read_rows(
 
     rows, skipped = read_json_lines(path, check_row, skip_bad_rows)
     return Dataset(path, rows, keys[0], keys[1], skipped)
-
-
-def _entries(data: bytes, name: str):
-    """(where, parse) for each row: JSON Lines, or the items of a file that is one JSON array."""
-    if data.lstrip().startswith(b"["):
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except ValueError:
-            items = None  # a first line that is an array: reported row by row below
-        if isinstance(items, list):
-            logger.warning(f"{name}: one JSON array, not JSON Lines: reading its {len(items)} items as rows")
-            for number, item in enumerate(items, start=1):
-                yield f"{name}: item {number}", lambda item=item: item
-            return
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if raw.strip():
-            yield f"{name}:{number}", lambda raw=raw, where=f"{name}:{number}": _parse_line(raw, where)
-
-
-def _parse_line(raw: bytes, where: str):
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        hint = "; expected JSON Lines, one object per line" if text.lstrip().startswith("[") else ""
-        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}){hint}") from None
 
 
 def build_examples(dataset: Dataset, builder: GLMInputBuilder, with_target: bool = True) -> List[GLMExample]:

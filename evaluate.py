@@ -24,15 +24,21 @@ import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imp
 from paddlenlp.trainer import PdArgumentParser
 from tqdm import tqdm
 
-from data import DataError
 from glm import GLMForConditionalGeneration, GLMForMultipleChoice
+from glm.errors import DataError, UserError, exit_on_user_error
+from glm.files import write_json_atomic, write_jsonl_atomic
 from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
-from glm.lora import load_lora
 from glm.loading import load_model_and_tokenizer
+from glm.lora import load_lora
 from glm.tokenization import special_token_ids
-from language_model import lambada_example, lm_metrics, lm_windows, score_targets, window_example
-from multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
-from utils import UserError, exit_on_user_error, write_json_atomic, write_jsonl_atomic
+from glm.understanding.language_model import lambada_examples, lm_examples, lm_metrics, score_targets
+from glm.understanding.multiple_choice import (
+    build_choice_examples,
+    choice_metrics,
+    prediction_rows,
+    read_choice_rows,
+    score_examples,
+)
 
 TASKS = ("multiple_choice", "lm", "lambada")
 
@@ -120,40 +126,23 @@ def evaluate_lm(args, model, tokenizer):
     seq_length = sequence_length(args, model)
     if args.overlapping_eval is not None and not 1 <= args.overlapping_eval <= seq_length - 1:
         raise UserError(f"--overlapping_eval must be 1..{seq_length - 1} (seq_length - 1); got {args.overlapping_eval}")
-    ids = special_token_ids(tokenizer)
-    mask_id = tokenizer.convert_tokens_to_ids(args.mask_token)
-    examples = []
-    for _, line in read_lines(args.data_file):
-        tokens = tokenizer(line, add_special_tokens=False)["input_ids"]
-        for prompt, text, unscored in lm_windows(tokens, seq_length, args.overlapping_eval, args.unidirectional):
-            examples.append(window_example(prompt, text, unscored, ids, mask_id))
+    lines = (line for _, line in read_lines(args.data_file))
+    examples = lm_examples(tokenizer, lines, seq_length, args.overlapping_eval, args.unidirectional, args.mask_token)
     if not examples:
         raise DataError(f"{args.data_file}: no line has two tokens to score")
     with progress_bar(len(examples), "scoring windows") as bar:
-        results = score_targets(model, examples, args.batch_size, ids.pad, progress=bar.update)
+        results = score_targets(model, examples, args.batch_size, special_token_ids(tokenizer).pad, progress=bar.update)
     return dict(lm_metrics(results), windows=len(examples)), None
 
 
 def evaluate_lambada(args, model, tokenizer):
     seq_length = sequence_length(args, model)
-    ids = special_token_ids(tokenizer)
-    mask_id = tokenizer.convert_tokens_to_ids(args.mask_token)
-    rows, examples = [], []
-    for number, line in read_lines(args.data_file):
-        words = line.split()
-        if len(words) < 2:
-            raise DataError(f"{os.path.basename(args.data_file)}:{number}: needs a context and a last word")
-        context = tokenizer(args.word_separator.join(words[:-1]), add_special_tokens=False)["input_ids"]
-        # As THUDM: the answer tokenized on its own, after the separator (" last" in English).
-        answer = tokenizer(args.word_separator + words[-1], add_special_tokens=False)["input_ids"]
-        if not answer:
-            raise DataError(f"{os.path.basename(args.data_file)}:{number}: the last word has no tokens")
-        # [CLS] context [MASK] <|endoftext|> must fit; a long context keeps its end, next to the answer.
-        context = context[max(0, len(context) - (seq_length - 3)) :]
-        rows.append({"line": number, "answer": words[-1]})
-        examples.append(lambada_example(context, answer, ids, mask_id))
+    rows, examples = lambada_examples(
+        tokenizer, read_lines(args.data_file), seq_length, os.path.basename(args.data_file), args.mask_token,
+        args.word_separator,
+    )
     with progress_bar(len(examples), "scoring") as bar:
-        results = score_targets(model, examples, args.batch_size, ids.pad, progress=bar.update)
+        results = score_targets(model, examples, args.batch_size, special_token_ids(tokenizer).pad, progress=bar.update)
     correct = [hit for _, _, hit in results]
     metrics = {"accuracy": round(100.0 * sum(correct) / len(correct), 4), "rows": len(correct)}
     return metrics, (dict(row, correct=hit) for row, hit in zip(rows, correct))

@@ -16,37 +16,24 @@ from functools import partial
 from typing import Optional
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-import paddle
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import TrainingArguments, set_seed
 
-from console import describe_model, progress_bar, shown
-from data import build_examples, find_split_file, read_rows
-from glm.generation import GLMGenerator, default_banned_ids, generate_answers
+from data import build_examples, read_rows
+from glm.errors import UserError, exit_on_user_error
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
-from training import (
-    DatasetArguments,
-    ROOT,
-    GLMTrainer,
-    ModelArguments,
-    finish,
-    last_checkpoint_to_resume,
-    load_for_training,
-    parse_arguments,
-    resolve_amp,
-    train_and_evaluate,
-)
-from utils import (
-    GENERATION_SETTINGS,
-    GenerationArguments,
-    UserError,
-    exit_on_user_error,
-    generation_metrics,
-    write_jsonl_atomic,
-)
+from glm.jsonl import find_split_file
+from glm.prediction import GENERATION_SETTINGS, GenerationArguments
+from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments, resolve_amp
+from glm.training.console import describe_model, shown
+from glm.training.driver import finish, last_checkpoint_to_resume, load_for_training, train_and_evaluate
+from utils import GenerationTrainer
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-default.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # where predict_generation.py looks
+DEFAULTS = {"model_name_or_path": os.path.join(ROOT, "configs", "glm-tiny-chinese"),
+            "dataset_name_or_path": os.path.join(ROOT, "demo_data")}
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu4": "BLEU-4", "loss": "eval loss"}
 
 
@@ -59,56 +46,12 @@ class DataArguments(DatasetArguments):
     tgt_key: Optional[str] = field(default=None, metadata={"help": "Target field (default: auto-detected)."})
 
 
-class GenerationTrainer(GLMTrainer):
-    """The shared GLM trainer, plus evaluation by generation (beam search, Chinese ROUGE and BLEU)."""
-
-    def __init__(self, *args, builder, generation_config, eval_rows, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.builder = builder
-        self.generation_config = generation_config
-        self.eval_rows = eval_rows  # (sources, references, rows) for evaluation by generation
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval", max_eval_iters=-1):
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix, max_eval_iters
-        )
-        if self.eval_rows is not None:
-            metrics = self.generate_and_score(metric_key_prefix)
-            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
-        return output
-
-    def generate_and_score(self, prefix: str):
-        """Decode the dev sources (each rank a share), gather, score; the main process writes predictions."""
-        sources, references, rows = self.eval_rows
-        rank, world = self.args.process_index, self.args.world_size
-        mine = list(range(rank, len(sources), world))
-        generator = GLMGenerator(self.model, self.builder.ids, default_banned_ids(self.model.config, self.tokenizer))
-        quiet = self.args.disable_tqdm or rank != 0
-        with progress_bar(len(mine), f"{prefix}: generating", "row", disable=quiet) as bar:
-            answers = generate_answers(
-                generator, self.builder, [sources[i] for i in mine], self.generation_config,
-                self.args.per_device_eval_batch_size, progress=bar.update,
-            )
-        predictions = {i: answer[0][0] for i, answer in zip(mine, answers)}
-        if world > 1:
-            gathered = []
-            paddle.distributed.all_gather_object(gathered, predictions)
-            predictions = {i: text for part in gathered for i, text in part.items()}
-        ordered = [predictions[i] for i in range(len(sources))]
-        if self.args.should_save:
-            write_jsonl_atomic(
-                os.path.join(self.args.output_dir, f"{prefix}_predictions.jsonl"),
-                (dict(row, prediction=text) for row, text in zip(rows, ordered)),
-            )
-        return generation_metrics(ordered, references)
-
-
 def parse_generation_arguments(argv):
     return parse_arguments(
         (ModelArguments, DataArguments, GenerationArguments, TrainingArguments),
         argv,
         default_argv=[DEFAULT_RECIPE, "--output_dir", DEFAULT_OUTPUT],
+        defaults=DEFAULTS,
     )
 
 

@@ -16,35 +16,29 @@ and settings) matches the rerun's (else it refuses, or starts afresh with --over
 import hashlib
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-import paddle
 from paddlenlp.trainer import PdArgumentParser
 from tqdm import tqdm
 
-from console import ConsoleArguments, HelpFormatter, configure_logging, say, shown
-from data import DataError, read_rows
-from glm.generation import GLMGenerator, default_banned_ids, generate_answers
-from glm.inputs import MASK_TOKENS, GLMInputBuilder
-from glm.lora import load_lora
-from glm.loading import load_model_and_tokenizer
-from utils import (
+from data import read_rows
+from glm.errors import DataError, UserError, exit_on_user_error
+from glm.files import atomic_file, crash_point
+from glm.prediction import (
     GENERATION_SETTINGS,
     GenerationArguments,
-    UserError,
-    atomic_file,
-    crash_point,
-    exit_on_user_error,
-    write_json_atomic,
+    Predictor,
+    apply_checkpoint_settings,
+    describe_decoding,
 )
+from glm.resumable_output import files_signature, resumable_rows
+from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say, shown
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
-BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 
 
 @dataclass
@@ -71,51 +65,17 @@ class PredictArguments:
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of sampling."})
 
 
-class Predictor:
-    """Model, tokenizer, input builder and decoding settings: text in, output rows out."""
-
-    def __init__(self, args: PredictArguments, generation_args: GenerationArguments):
-        path = args.model_name_or_path or DEFAULT_MODEL
-        if args.model_name_or_path is None and not os.path.isdir(path):
-            raise UserError(
-                f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
-                "run `python finetune_generation.py` first"
-            )
-        if args.dtype not in ("float32", "float16", "bfloat16"):
-            raise UserError(f"--dtype must be float32, float16 or bfloat16; got {args.dtype}")
-        if args.dtype != "float32" and not paddle.device.is_compiled_with_cuda():
-            raise UserError(f"--dtype {args.dtype} needs a GPU: Paddle's CPU kernels have no half precision")
-        model, self.tokenizer = load_model_and_tokenizer(path, None if args.dtype == "float32" else args.dtype)
-        if args.lora_path:
-            model = load_lora(model, args.lora_path, path, args.force)
-        model.eval()
-        for name in ("src_length", "tgt_length"):
-            if getattr(args, name) > model.config.max_sequence_length:
-                raise UserError(
-                    f"--{name} {getattr(args, name)} exceeds the model's max_sequence_length {model.config.max_sequence_length}"
-                )
-        try:
-            self.builder = GLMInputBuilder(self.tokenizer, args.src_length, args.tgt_length, args.mask_token)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        self.config = generation_args.config(args.tgt_length, seed=args.seed)
-        self.generator = GLMGenerator(model, self.builder.ids, default_banned_ids(model.config, self.tokenizer))
-        self.batch_size = args.batch_size
-
-    def predict(self, texts: List[str], progress=None):
-        """Per text, the fields to add to its output row."""
-        answers = generate_answers(self.generator, self.builder, texts, self.config, self.batch_size, progress)
-        return [self.output_fields(text, blanks) for text, blanks in zip(texts, answers)]
-
-    def output_fields(self, text, blanks):
-        best = [candidates[0] for candidates in blanks]
-        fields = {"prediction": best[0] if len(best) == 1 else best}
-        if len(best) > 1:  # fill the blanks of the text, left to right
-            answers = iter(best)
-            fields["filled"] = BLANK.sub(lambda match: next(answers, match.group(0)), text)
-        if self.config.num_return_sequences > 1:
-            fields["predictions"] = blanks[0] if len(blanks) == 1 else blanks
-        return fields
+def load_predictor(args: PredictArguments, generation_args: GenerationArguments) -> Predictor:
+    path = args.model_name_or_path or DEFAULT_MODEL
+    if args.model_name_or_path is None and not os.path.isdir(path):
+        raise UserError(
+            f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
+            "run `python finetune_generation.py` first"
+        )
+    return Predictor(
+        path, generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
+        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
+    )
 
 
 def check_output_file(path: str):
@@ -129,18 +89,6 @@ def check_output_file(path: str):
         raise UserError(f"--output_file {path}: cannot write in {directory}")
 
 
-def _files_signature(directory: Optional[str]):
-    """Cheap identity of a checkpoint or adapter: its weight and config files' names, sizes and mtimes."""
-    if not directory or not os.path.isdir(directory):
-        return directory
-    return sorted(
-        (name, stat.st_size, stat.st_mtime_ns)
-        for name in os.listdir(directory)
-        if name.endswith((".pdparams", ".safetensors", ".json")) and not name.startswith(".")
-        for stat in [os.stat(os.path.join(directory, name))]
-    )
-
-
 def output_fingerprint(args: PredictArguments, generation_args: GenerationArguments) -> dict:
     """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
     with open(args.data_file, "rb") as f:
@@ -149,33 +97,11 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_file", "overwrite_output", "batch_size", "force")}
     fingerprint = {
         "data_file_sha256": data_sha256,
-        "model": [os.path.abspath(model), _files_signature(model)],
-        "lora": [args.lora_path and os.path.abspath(args.lora_path), _files_signature(args.lora_path)],
+        "model": [os.path.abspath(model), files_signature(model)],
+        "lora": [args.lora_path and os.path.abspath(args.lora_path), files_signature(args.lora_path)],
         "settings": dict(settings, **asdict(generation_args)),
     }
     return json.loads(json.dumps(fingerprint))  # as read back from the sidecar (tuples become lists)
-
-
-def resumable_rows(partial: str, fingerprint: dict, overwrite: bool) -> int:
-    """Rows of `partial` made from the same inputs; a partial made from other ones is refused or removed."""
-    sidecar = partial + ".json"
-    if os.path.exists(partial):
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                recorded = json.load(f)
-        except (OSError, ValueError):
-            recorded = None
-        if recorded != fingerprint:
-            differing = [key for key in fingerprint if not recorded or recorded.get(key) != fingerprint[key]]
-            if not overwrite:
-                raise UserError(
-                    f"{partial} was made from other inputs (differing: {', '.join(differing)}): rerun with the same "
-                    "ones to resume it, or with --overwrite_output to start afresh"
-                )
-            say(f"Starting afresh: removing {partial} (made from other inputs; --overwrite_output)")
-            os.unlink(partial)
-    write_json_atomic(sidecar, fingerprint)
-    return _completed_rows(partial)
 
 
 def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict):
@@ -204,19 +130,6 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
         os.replace(partial, args.output_file)
         os.unlink(partial + ".json")
         say(f"Wrote {len(rows)} predictions to {args.output_file}")
-
-
-def _completed_rows(partial: str) -> int:
-    """Whole JSON lines already in a partial output; a torn last line (a killed run) is cut off."""
-    if not os.path.exists(partial):
-        return 0
-    with open(partial, "rb") as f:
-        data = f.read()
-    keep = data[: data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(partial, "wb") as f:
-            f.write(keep)
-    return keep.count(b"\n")
 
 
 def predict_stdin(predictor: Predictor, args: PredictArguments):
@@ -269,31 +182,12 @@ def parse_arguments(argv):
         args, generation_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         raise UserError(str(error).splitlines()[0]) from None
-    settings_file = os.path.join(args.model_name_or_path or DEFAULT_MODEL, GENERATION_SETTINGS)
-    source = "built-in defaults"
-    if os.path.isfile(settings_file):
-        with open(settings_file, encoding="utf-8") as f:
-            settings = json.load(f)
-        given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-        for name, value in settings.items():
-            for target in (args, generation_args):
-                if hasattr(target, name) and name not in given:
-                    setattr(target, name, value)
-        source = shown(settings_file)
+    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    settings_file = apply_checkpoint_settings(args.model_name_or_path or DEFAULT_MODEL, given, args, generation_args)
+    source = shown(settings_file) if settings_file else "built-in defaults"
     say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
         f"(flags given, then {source})")
     return args, generation_args
-
-
-def describe_decoding(generation_args: GenerationArguments) -> str:
-    g = generation_args
-    if g.decode_strategy == "beam_search":
-        text = f"beam search {g.num_beams} beams, length_penalty {g.length_penalty} ({g.length_penalty_form})"
-    elif g.decode_strategy == "sampling":
-        text = f"sampling top_k {g.top_k} top_p {g.top_p} temperature {g.temperature}"
-    else:
-        text = g.decode_strategy
-    return f"{text}, min_tgt_length {g.min_tgt_length}, no_repeat_ngram_size {g.no_repeat_ngram_size}"
 
 
 def main(argv=None):
@@ -308,7 +202,7 @@ def main(argv=None):
             if not os.path.isfile(args.data_file):
                 raise DataError(f"{args.data_file}: no such file")
             fingerprint = output_fingerprint(args, generation_args)
-        predictor = Predictor(args, generation_args)
+        predictor = load_predictor(args, generation_args)
         if args.data_file:
             predict_file(predictor, args, fingerprint)
         else:

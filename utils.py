@@ -1,66 +1,63 @@
-"""Shared helpers of the entry scripts: Chinese generation metrics, atomic writes, one-line errors."""
+"""The generation task's helpers: its trainer (evaluation by decoding the dev set) and its metrics
+(Chinese ROUGE-1/2/L and BLEU-4 on jieba words), as PaddleNLP's llm/glm/utils.py holds them."""
 
-import contextlib
-import json
 import os
-import sys
-import tempfile
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List
 
-from glm.generation import GenerationConfig
+import paddle
 
-__all__ = [
-    "GenerationArguments", "GENERATION_SETTINGS", "generation_metrics", "write_jsonl_atomic", "write_json_atomic",
-    "atomic_file", "current_umask", "exit_on_user_error", "UserError", "crash_point", "CRASH_AT_VARIABLE",
-]  # fmt: skip
+from glm.files import write_jsonl_atomic
+from glm.generation import GLMGenerator, default_banned_ids, generate_answers
+from glm.training.trainer import GLMTrainer
+from glm.training.console import progress_bar
 
-
-class UserError(Exception):
-    """A mistake of the user's (a path, a flag, a config): reported in one line, exit status 2."""
+__all__ = ["GenerationTrainer", "generation_metrics"]
 
 
-@dataclass
-class GenerationArguments:
-    """Decoding flags shared by finetune_generation.py (evaluation) and predict_generation.py (THUDM defaults)."""
+class GenerationTrainer(GLMTrainer):
+    """The shared GLM trainer, plus evaluation by generation (beam search, Chinese ROUGE and BLEU)."""
 
-    decode_strategy: str = field(default="beam_search", metadata={"help": "beam_search, greedy_search or sampling."})
-    min_tgt_length: int = field(default=55, metadata={"help": "No end-of-piece before this many tokens."})
-    num_beams: int = field(default=5, metadata={"help": "Beam width."})
-    length_penalty: float = field(default=0.7, metadata={"help": "Beam score = logprob / length ** penalty."})
-    length_penalty_form: str = field(default="thudm", metadata={"help": "thudm: len**lp; gnmt: ((5+len)/6)**lp."})
-    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Never repeat a generated n-gram of this size."})
-    select_topk: bool = field(default=True, metadata={"help": "Beam candidates by top-k (else sampled)."})
-    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus mass (1.0 or 0: off)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    num_return_sequences: int = field(default=1, metadata={"help": "Answers kept per blank (prediction)."})
+    def __init__(self, *args, builder, generation_config, eval_rows, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.builder = builder
+        self.generation_config = generation_config
+        self.eval_rows = eval_rows  # (sources, references, rows) for evaluation by generation
 
-    def config(self, tgt_length: int, seed: Optional[int] = None) -> GenerationConfig:
-        try:
-            return GenerationConfig(
-                decode_strategy=self.decode_strategy,
-                tgt_length=tgt_length,
-                min_tgt_length=self.min_tgt_length,
-                num_beams=self.num_beams,
-                length_penalty=self.length_penalty,
-                length_penalty_form=self.length_penalty_form,
-                select_topk=self.select_topk,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                temperature=self.temperature,
-                num_return_sequences=self.num_return_sequences,
-                seed=seed,
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval", max_eval_iters=-1):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix, max_eval_iters
+        )
+        if self.eval_rows is not None:
+            metrics = self.generate_and_score(metric_key_prefix)
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
+
+    def generate_and_score(self, prefix: str):
+        """Decode the dev sources (each rank a share), gather, score; the main process writes predictions."""
+        sources, references, rows = self.eval_rows
+        rank, world = self.args.process_index, self.args.world_size
+        mine = list(range(rank, len(sources), world))
+        generator = GLMGenerator(self.model, self.builder.ids, default_banned_ids(self.model.config, self.tokenizer))
+        quiet = self.args.disable_tqdm or rank != 0
+        with progress_bar(len(mine), f"{prefix}: generating", "row", disable=quiet) as bar:
+            answers = generate_answers(
+                generator, self.builder, [sources[i] for i in mine], self.generation_config,
+                self.args.per_device_eval_batch_size, progress=bar.update,
             )
-        except ValueError as error:
-            raise UserError(str(error)) from None
-
-
-# Written by finetune_generation.py beside the model: the input lengths and decoding flags it was
-# evaluated with, which predict_generation.py takes as its defaults.
-GENERATION_SETTINGS = "generation_settings.json"
+        predictions = {i: answer[0][0] for i, answer in zip(mine, answers)}
+        if world > 1:
+            gathered = []
+            paddle.distributed.all_gather_object(gathered, predictions)
+            predictions = {i: text for part in gathered for i, text in part.items()}
+        ordered = [predictions[i] for i in range(len(sources))]
+        if self.args.should_save:
+            write_jsonl_atomic(
+                os.path.join(self.args.output_dir, f"{prefix}_predictions.jsonl"),
+                (dict(row, prediction=text) for row, text in zip(rows, ordered)),
+            )
+        return generation_metrics(ordered, references)
 
 
 def _segment(text: str) -> List[str]:
@@ -97,83 +94,3 @@ def generation_metrics(predictions: List[str], references: List[str]) -> Dict[st
     scorable = any(_segment(prediction) for prediction in predictions)
     metrics["bleu4"] = round(100 * bleu.score(), 4) if scorable else 0.0
     return metrics
-
-
-@contextlib.contextmanager
-def atomic_file(path: str):
-    """A temporary file beside `path`, renamed onto it only when writing succeeded."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; others must read our outputs
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def write_jsonl_atomic(path: str, rows: Iterable[dict]):
-    with atomic_file(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def write_json_atomic(path: str, value):
-    with atomic_file(path) as f:
-        json.dump(value, f, ensure_ascii=False, indent=2)
-
-
-def user_error_types() -> tuple:
-    """Every exception the project raises for a user's mistake (a flag, a path, a file, an adapter). One
-    list for all entry scripts: each script listing its own had let an adapter refusal escape as a
-    traceback from the scripts that forgot AdapterError."""
-    from data import DataError  # here, not at the top: data and glm import this module's neighbours
-    from glm.loading import CheckpointError
-    from glm.lora import AdapterError
-    from glm.tokenization import TokenizerError
-
-    return (UserError, DataError, CheckpointError, AdapterError, TokenizerError)
-
-
-@contextlib.contextmanager
-def exit_on_user_error():
-    """Turns a user's mistake (`user_error_types`) into `error: message` on stderr and exit status 2."""
-    try:
-        yield
-    except user_error_types() as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-# Fault injection for tests/test_faults.py: GLM_PADDLE_CRASH_AT=NAME (or NAME#N, the N-th time) makes
-# the process SIGKILL itself when it reaches crash_point(NAME); a deterministic kill, not a timed one.
-CRASH_AT_VARIABLE = "GLM_PADDLE_CRASH_AT"
-_crash_counts: Dict[str, int] = {}
-
-
-def crash_point(name: str, torn_file: Optional[str] = None):
-    """Kill this process here if the environment asks for it; `torn_file` is first cut to half its size
-    (a write interrupted midway)."""
-    wanted = os.environ.get(CRASH_AT_VARIABLE)
-    if not wanted:
-        return
-    point, _, nth = wanted.partition("#")
-    if point != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] < int(nth or 1):
-        return
-    if torn_file is not None:
-        os.truncate(torn_file, os.path.getsize(torn_file) // 2)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), 9)

@@ -1,4 +1,10 @@
-"""glm-paddle: GLM (General Language Model, autoregressive blank infilling) on PaddlePaddle."""
+"""glm-paddle: GLM (General Language Model, autoregressive blank infilling) on PaddlePaddle.
+
+The model and what feeds it: configuration, modeling, tokenization, inputs (the one input builder),
+generation (decoding), loading, lora, lora_merge, convert; prediction (checkpoint -> answers), errors,
+files (atomic writes), jsonl (row reading), resumable_output. Subpackages: training (the finetuning
+driver every task shares) and understanding (multiple choice, cloze finetuning, LM evaluation).
+"""
 
 import contextlib
 import io

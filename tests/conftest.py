@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +46,43 @@ def shared_path(*parts):
             raise FileNotFoundError(f"{path} is required when CI=true")
         pytest.skip(f"{path} not present (../shared is absent and CI is not set)")
     return path
+
+
+@pytest.fixture
+def caplog(caplog):
+    """pytest's caplog with PaddleNLP's log records too: its logger does not propagate to the root logger,
+    where caplog listens."""
+    from paddlenlp.utils.log import logger
+
+    listening = not logger.logger.propagate  # where it propagates, caplog sees the records already
+    if listening:
+        logger.logger.addHandler(caplog.handler)
+    yield caplog
+    if listening:
+        logger.logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory):
+    """`pip install --target DIR .` of a copy of the checkout's package files (so the build leaves nothing
+    in the checkout); returns DIR, to be put on PYTHONPATH in a process started outside the checkout."""
+    source = tmp_path_factory.mktemp("package-source")
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    shutil.copytree(os.path.join(ROOT, "glm"), source / "glm", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path_factory.mktemp("site")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    return target
+
+
+def run_outside_checkout(code: str, cwd, site, timeout=600):
+    """`python -c code` in `cwd` with only the installed package `site` importable (not the checkout)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=str(cwd), env=dict(env, PYTHONPATH=str(site)),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

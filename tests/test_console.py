@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, run_outside_checkout
 
-import console
 import finetune_generation
 import predict_generation
-from training_curve import CURVE_FILE, plot_training_curve
+from glm.training import console
+from glm.training.curve import CURVE_FILE, plot_training_curve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DEFAULT_MODEL = os.path.join(ROOT, "configs", "glm-tiny-chinese")
 QUICK = ["--max_eval_samples", "4", "--report_to", "none"]  # step caps come with each command
 
@@ -186,27 +186,11 @@ def readme_python_snippet():
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_installed_package_runs_the_readme_snippet(default_job, tmp_path):
-    source = tmp_path / "src"  # what `pip install .` reads, copied so the build leaves nothing in the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "requirements.txt", "README.md"):
-        shutil.copy(os.path.join(ROOT, name), source)
-    shutil.copytree(os.path.join(ROOT, "glm"), source / "glm", ignore=shutil.ignore_patterns("__pycache__"))
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert install.returncode == 0, install.stderr[-3000:]
-    assert (target / "glm" / "modeling.py").exists()
-
+def test_installed_package_runs_the_readme_snippet(default_job, installed_package, tmp_path):
+    assert (installed_package / "glm" / "modeling.py").exists()
     elsewhere = tmp_path / "elsewhere"  # not the checkout: only the installed package can be imported
     shutil.copytree(default_job[0], elsewhere / "checkpoints" / "glm-tiny-chinese")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", readme_python_snippet()], cwd=str(elsewhere), env=dict(env, PYTHONPATH=str(target)),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_outside_checkout(readme_python_snippet(), elsewhere, installed_package)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OMP_NUM_THREADS" not in result.stderr
     printed = result.stdout.strip().splitlines()

@@ -5,7 +5,9 @@ import json
 import pytest
 from test_inputs import CharTokenizer
 
-from data import DataError, build_examples, find_split_file, read_rows
+from data import build_examples, read_rows
+from glm.errors import DataError
+from glm.jsonl import find_split_file
 from glm.inputs import GLMInputBuilder
 
 

@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_config_kwargs
 import evaluate
 from glm import GLMConfig, GLMForConditionalGeneration
 from glm.tokenization import load_tokenizer, special_token_ids
-from language_model import lm_windows
+from glm.understanding.language_model import lm_windows
 
 TOKENIZER_DIR = os.path.join(ROOT, "configs", "glm-tiny-chinese")
 TOKENIZER_FILES = ("cog-pretrain.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

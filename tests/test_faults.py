@@ -1,4 +1,4 @@
-"""Real runs killed (SIGKILL, at named points in the save path: utils.crash_point) and run again with
+"""Real runs killed (SIGKILL, at named points in the save path: glm.files.crash_point) and run again with
 the same command: each rerun exits 0 and ends where an uninterrupted run ends."""
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from test_finetune import micro_data, micro_model  # noqa: F401  (fixtures)
 
-from utils import CRASH_AT_VARIABLE
+from glm.files import CRASH_AT_VARIABLE
 
 TRAIN_FLAGS = (
     "--src_length", "40", "--tgt_length", "16", "--min_tgt_length", "0", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",

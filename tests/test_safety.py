@@ -15,10 +15,12 @@ from conftest import tiny_config_kwargs
 from test_finetune import micro_data, micro_model, micro_weights_model, run  # noqa: F401  (fixtures)
 
 import glm
-from crash_safety import acquire_lock, checkpoint_problem, release_lock
+from glm.training.crash_safety import acquire_lock, checkpoint_problem, release_lock
 from glm.convert import ConversionError, read_safetensors, read_torch_bin
 from glm.loading import CheckpointError, load_model
-from utils import UserError, generation_metrics, write_json_atomic, write_jsonl_atomic
+from glm.errors import UserError
+from glm.files import write_json_atomic, write_jsonl_atomic
+from utils import generation_metrics
 
 
 def exits_with_one_line(capsys, call, message):

@@ -14,8 +14,9 @@ from typing import Callable, List, Optional
 import paddle
 from paddlenlp.utils.log import logger
 
-from data import DataError, read_json_lines
-from glm.inputs import MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
+from ..errors import DataError
+from ..inputs import MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
+from ..jsonl import read_json_lines
 
 __all__ = ["read_choice_rows", "build_choice_examples", "score_examples", "choice_metrics", "prediction_rows"]
 

@@ -6,14 +6,18 @@ Both are blank infilling: `[CLS] prompt [MASK]` (LAMBADA keeps `<|endoftext|>` a
 """
 
 import math
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn.functional as F
 
-from glm.inputs import IGNORE_INDEX, GLMExample, collate_examples
+from ..errors import DataError
+from ..inputs import IGNORE_INDEX, GLMExample, collate_examples
+from ..tokenization import special_token_ids
 
-__all__ = ["lm_windows", "window_example", "lambada_example", "score_targets", "lm_metrics"]
+__all__ = [
+    "lm_windows", "window_example", "lambada_example", "lm_examples", "lambada_examples", "score_targets", "lm_metrics",
+]  # fmt: skip
 
 
 def lm_windows(tokens: Sequence[int], seq_length: int, overlapping_eval: Optional[int] = None,
@@ -61,6 +65,42 @@ def window_example(prompt, text, unscored, ids, mask_id) -> GLMExample:
 def lambada_example(context: List[int], answer: List[int], ids, mask_id) -> GLMExample:
     """`[CLS] context [MASK] <|endoftext|> <|startofpiece|> answer[:-1]`, every answer token scored."""
     return _blank_example(list(context), list(answer), 0, ids, mask_id, keep_eos=True)
+
+
+def lm_examples(tokenizer, lines: Iterable[str], seq_length: int, overlapping_eval: Optional[int] = None,
+                unidirectional: bool = False, mask_token: str = "[MASK]") -> List[GLMExample]:
+    """The LMDataset window examples of every line (one document each)."""
+    ids = special_token_ids(tokenizer)
+    mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    examples = []
+    for line in lines:
+        tokens = tokenizer(line, add_special_tokens=False)["input_ids"]
+        for prompt, text, unscored in lm_windows(tokens, seq_length, overlapping_eval, unidirectional):
+            examples.append(window_example(prompt, text, unscored, ids, mask_id))
+    return examples
+
+
+def lambada_examples(tokenizer, numbered_lines: Iterable[Tuple[int, str]], seq_length: int, name: str,
+                     mask_token: str = "[MASK]", word_separator: str = "") -> Tuple[List[dict], List[GLMExample]]:
+    """Per line of space-separated words (numbered for errors in file `name`): its row ({"line",
+    "answer"}) and its example, the context `words[:-1]` joined by `word_separator`, the answer the last."""
+    ids = special_token_ids(tokenizer)
+    mask_id = tokenizer.convert_tokens_to_ids(mask_token)
+    rows, examples = [], []
+    for number, line in numbered_lines:
+        words = line.split()
+        if len(words) < 2:
+            raise DataError(f"{name}:{number}: needs a context and a last word")
+        context = tokenizer(word_separator.join(words[:-1]), add_special_tokens=False)["input_ids"]
+        # As THUDM: the answer tokenized on its own, after the separator (" last" in English).
+        answer = tokenizer(word_separator + words[-1], add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise DataError(f"{name}:{number}: the last word has no tokens")
+        # [CLS] context [MASK] <|endoftext|> must fit; a long context keeps its end, next to the answer.
+        context = context[max(0, len(context) - (seq_length - 3)) :]
+        rows.append({"line": number, "answer": words[-1]})
+        examples.append(lambada_example(context, answer, ids, mask_id))
+    return rows, examples
 
 
 @paddle.no_grad()

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless: no display, no pyplot state
 from matplotlib.figure import Figure
 
-from console import BOOKKEEPING
+from .console import BOOKKEEPING
 
 CURVE_FILE = "training_curve.png"
 

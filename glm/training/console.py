@@ -18,8 +18,8 @@ from paddlenlp.trainer.trainer_callback import ProgressCallback
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
-from glm.loading import has_weights
-from utils import UserError
+from ..loading import has_weights
+from ..errors import UserError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Metrics every Trainer evaluation reports about itself, not about the model.

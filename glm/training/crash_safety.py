@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
 from paddlenlp.utils.log import logger
 
-from utils import UserError, crash_point
+from ..errors import UserError
+from ..files import crash_point
 
 __all__ = [
     "STAGING", "LOCK_FILE", "checkpoint_problem", "newest_complete_checkpoint", "acquire_lock", "release_lock",

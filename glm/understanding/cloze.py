@@ -1,0 +1,119 @@
+"""Cloze finetuning (THUDM's cloze tasks) on the shared driver: rows in THUDM's multiple-choice format,
+one packed sequence each (MultipleChoiceBuilder) scored by GLMForMultipleChoice, the loss the
+cross-entropy over the choice scores. Evaluation scores every dev row's choices, which gives the
+accuracy, the loss and per-row predictions in one pass."""
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import paddle
+from paddlenlp.datasets import MapDataset
+from paddlenlp.trainer import set_seed
+from paddlenlp.trainer.trainer_utils import EvalLoopOutput
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..files import write_jsonl_atomic
+from ..inputs import MultipleChoiceBuilder, collate_multiple_choice
+from ..jsonl import find_split_file
+from ..modeling import GLMForMultipleChoice
+from ..training.arguments import DatasetArguments, resolve_amp
+from ..training.driver import last_checkpoint_to_resume, load_for_training, train_and_evaluate
+from ..training.trainer import GLMTrainer
+from .multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
+
+__all__ = ["ClozeDataArguments", "ClozeTrainer", "finetune_cloze"]
+
+
+@dataclass
+class ClozeDataArguments(DatasetArguments):
+    dataset_name_or_path: Optional[str] = field(  # default: the task script's (parse_arguments' `defaults`)
+        default=None,
+        metadata={"help": "Directory with train.json and dev.json (JSON Lines; .jsonl too) in THUDM's format."},
+    )
+    src_length: int = field(default=512, metadata={"help": "Context tokens, with [CLS], the [MASK] and <|endoftext|>."})
+
+
+class ClozeTrainer(GLMTrainer):
+    """The shared GLM trainer; evaluation scores every dev row's choices (accuracy, loss, predictions)."""
+
+    def __init__(self, *args, eval_examples, eval_rows, pad_id, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_examples, self.eval_rows, self.pad_id = eval_examples, eval_rows, pad_id
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval", max_eval_iters=-1):
+        # One scoring pass gives both the accuracy and the loss; the Trainer's loop would concatenate the
+        # batches' [B, C] scores padded with -100, which a long choice's log-probability can fall below.
+        rank, world = self.args.process_index, self.args.world_size
+        mine = list(range(rank, len(self.eval_examples), world))
+        with tqdm(total=len(mine), desc=f"{metric_key_prefix}: scoring", unit="row",
+                  disable=self.args.disable_tqdm or rank != 0) as bar:
+            scores = score_examples(self.model, [self.eval_examples[i] for i in mine],
+                                    self.args.per_device_eval_batch_size, self.pad_id, progress=bar.update)
+        by_row = dict(zip(mine, scores))
+        if world > 1:
+            gathered = []
+            paddle.distributed.all_gather_object(gathered, by_row)
+            by_row = {i: s for part in gathered for i, s in part.items()}
+        scores = [by_row[i] for i in range(len(self.eval_examples))]
+        if self.args.should_save:
+            write_jsonl_atomic(os.path.join(self.args.output_dir, f"{metric_key_prefix}_predictions.jsonl"),
+                               prediction_rows(self.eval_rows, scores))
+        metrics = choice_metrics(scores, [row["label"] for row in self.eval_rows])
+        return EvalLoopOutput(
+            predictions=None, label_ids=None, num_samples=len(scores),
+            metrics={f"{metric_key_prefix}_{name}": value for name, value in metrics.items()},
+        )
+
+
+def load_split(data_args, split, builder):
+    path = find_split_file(data_args.dataset_name_or_path, split)
+    rows = read_choice_rows(path, skip_bad_rows=data_args.skip_bad_rows)
+    if split == "dev" and data_args.max_eval_samples:
+        rows = rows[: data_args.max_eval_samples]
+    return rows, build_choice_examples(rows, builder, os.path.basename(path))
+
+
+def finetune_cloze(model_args, data_args, training_args, callbacks=(), task_recipe: Optional[str] = None):
+    """Load, build the rows, train and evaluate (glm.training.driver.train_and_evaluate); `task_recipe` is
+    the task's embedded default recipe, suggested when a length does not fit the model."""
+    dtype = resolve_amp(training_args)
+    checkpoint = last_checkpoint_to_resume(training_args)
+    set_seed(training_args.seed)
+    model, tokenizer = load_for_training(
+        model_args, dtype, {"src_length": data_args.src_length}, model_class=GLMForMultipleChoice,
+        task_recipe=task_recipe,
+    )
+    try:
+        builder = MultipleChoiceBuilder(tokenizer, data_args.src_length)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+    train_dataset = eval_dataset = None
+    eval_rows, eval_examples = [], []
+    if training_args.do_train:
+        train_dataset = MapDataset([e.features() for e in load_split(data_args, "train", builder)[1]])
+    if training_args.do_eval or data_args.eval_before_training:
+        eval_rows, eval_examples = load_split(data_args, "dev", builder)
+        eval_dataset = MapDataset([e.features() for e in eval_examples])
+
+    trainer = ClozeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        tokenizer=tokenizer,
+        data_collator=partial(collate_multiple_choice, pad_id=builder.ids.pad),
+        callbacks=list(callbacks),
+        eval_examples=eval_examples,
+        eval_rows=eval_rows,
+        pad_id=builder.ids.pad,
+        lr_decay_ratio=model_args.lr_decay_ratio,
+    )
+    train_and_evaluate(
+        trainer, checkpoint, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training
+    )
+    return trainer
