@@ -20,6 +20,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
+import time
 from array import array
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,7 +32,7 @@ from glm.files import crash_point
 
 __all__ = [
     "CORPUS_FILE", "TOKENS_FILE", "INDEX_FILE", "FORMAT", "PretrainingCorpus", "open_corpus", "prepare_corpus",
-    "read_documents", "tokenizer_fingerprint",
+    "describe_preparation", "ensure_corpus", "read_documents", "tokenizer_fingerprint",
 ]  # fmt: skip
 
 CORPUS_FILE = "corpus.json"
@@ -148,11 +150,19 @@ def _json_text(line: str, where: str, text_key: str) -> str:
 _encoder = None  # a worker's sentencepiece processor
 
 
-def _start_worker(model_proto: bytes):
+def _start_worker(model_proto: bytes, parent: Optional[int] = None):
     global _encoder
     import sentencepiece
 
     _encoder = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+    if parent is not None:  # a worker of a killed preparation leaves too (it would wait for tasks forever)
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _encode(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -184,7 +194,7 @@ def _encoded_in_order(chunks, model_proto: bytes, workers: int):
             yield (*_encode(texts), used)
         return
     context = multiprocessing.get_context("fork")  # workers inherit the loaded model; no re-import
-    with context.Pool(workers, initializer=_start_worker, initargs=(model_proto,)) as pool:
+    with context.Pool(workers, initializer=_start_worker, initargs=(model_proto, os.getpid())) as pool:
         pending = collections.deque()
         for texts, used in chunks:
             pending.append((pool.apply_async(_encode, (texts,)), used))
@@ -258,6 +268,30 @@ def _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_document
         f.write("\n")
         _flush(f)
     return metadata
+
+
+def ensure_corpus(path: str, inputs: Sequence[str], tokenizer, text_key: str = "text") -> bool:
+    """A corpus at `path` from `inputs` and `tokenizer`: the one already there if it was prepared from
+    these very input bytes with this tokenizer, else prepared afresh (returns True then)."""
+    try:
+        metadata = open_corpus(path).metadata
+        if ([source["sha256"] for source in metadata["inputs"]] == [_file_sha256(p) for p in inputs]
+                and metadata["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tokenizer)
+                and metadata["text_key"] == text_key):
+            return False
+    except DataError:
+        pass  # absent, interrupted or torn: prepared again below
+    prepare_corpus(inputs, path, tokenizer, text_key=text_key, overwrite=True)
+    return True
+
+
+def describe_preparation(metadata: dict, output_dir: str) -> str:
+    """The closing summary: documents, tokens, the [UNK] share, bytes in and out."""
+    tokens = metadata["tokens"]
+    written = sum(os.path.getsize(os.path.join(output_dir, name)) for name in (TOKENS_FILE, INDEX_FILE))
+    read = sum(source["bytes"] for source in metadata["inputs"])
+    return (f"{metadata['documents']:,} documents, {tokens:,} tokens ([UNK] {100 * metadata['unk_tokens'] / max(tokens, 1):.2f} %), "
+            f"{read / 2**20:.1f} MiB of text -> {written / 2**20:.1f} MiB ({metadata['token_dtype']} tokens)")
 
 
 def _check_output(output_dir: str, overwrite: bool):
