@@ -49,10 +49,10 @@ def builder(**flags):
     return BlankInfillingBuilder(PretrainingArguments(**flags), IDS, SENTENCE_END)
 
 
-def blocks_of(example):
-    """Part B as (mask position, input tokens, labels, block positions, loss mask) per block."""
+def blocks_of(example, special=IDS):
+    """Part B as (mask position, input tokens, labels, block positions, loss mask, positions) per block."""
     sep, ids = example.sep, example.input_ids
-    starts = [i for i in range(sep, len(ids)) if ids[i] == IDS.sop]
+    starts = [i for i in range(sep, len(ids)) if ids[i] == special.sop]
     result = []
     for number, start in enumerate(starts):
         end = starts[number + 1] if number + 1 < len(starts) else len(ids)
@@ -61,11 +61,11 @@ def blocks_of(example):
     return result
 
 
-def restored(example):
+def restored(example, special=IDS):
     """The window rebuilt from the example: each Part B span put back at its mask in Part A."""
     spans = {}
-    for mask_position, tokens, labels, _, _, _ in blocks_of(example):
-        suffix = example.input_ids[mask_position] == IDS.gmask and labels[-1] != IDS.eop
+    for mask_position, tokens, labels, _, _, _ in blocks_of(example, special):
+        suffix = example.input_ids[mask_position] == special.gmask and labels[-1] != special.eop
         spans[mask_position] = labels if suffix else labels[:-1]
     text = []
     for position, token in enumerate(example.input_ids[: example.sep]):

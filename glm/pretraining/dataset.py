@@ -5,6 +5,7 @@ sequential sampler walks (PaddleNLP's DistributedBatchSampler, which a resumed r
 samples): a resumed run builds exactly the batches the uninterrupted one would, on any number of workers.
 """
 
+import math
 from itertools import count
 from typing import Dict, Iterator, List, Sequence
 
@@ -22,11 +23,14 @@ BATCH_STREAM, HELD_OUT_STREAM = 1, 2  # generator seeds [seed, stream, ...], apa
 
 
 class PretrainingDataset(Dataset):
-    """`length` samples: {"index": i, "window": window i}."""
+    """`length` samples: {"index": i, "window": window i}. An epoch (`samples_per_epoch`) is one pass of
+    windows over the corpus: its tokens, each document with its [CLS] and <|endoftext|>."""
 
     def __init__(self, windows: WindowSampler, length: int):
         super().__init__()
         self.windows, self.length = windows, length
+        corpus = windows.corpus
+        self.samples_per_epoch = math.ceil((corpus.num_tokens + 2 * corpus.num_documents) / windows.seq_length)
 
     def __len__(self):
         return self.length

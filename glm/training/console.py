@@ -134,7 +134,9 @@ def print_header(trainer, checkpoint, about: Dict[str, str]):
         say(f"{label:<8} {text}")
     if args.do_train and trainer.train_dataset is not None:
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.dataset_world_size)
-        per_epoch = max(1, math.ceil(len(trainer.train_dataset) / batch))
+        # A pretraining stream is as long as the run; its epoch is one pass over the corpus.
+        samples = getattr(trainer.train_dataset, "samples_per_epoch", len(trainer.train_dataset))
+        per_epoch = max(1, math.ceil(samples / batch))
         steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
         say(
             f"train    {steps} steps of {batch} rows ({steps / per_epoch:.3g} epochs), learning rate "
