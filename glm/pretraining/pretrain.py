@@ -29,7 +29,7 @@ from ..training.trainer import GLMTrainer
 from ..understanding.language_model import score_targets
 from .corpus import ensure_corpus, open_corpus
 from .dataset import BatchCollator, PretrainingDataset, held_out_examples, training_examples
-from .objective import OBJECTIVES, BlankInfillingBuilder, PretrainingArguments, sentence_end_table
+from .objective import OBJECTIVES, BlankInfillingBuilder, sentence_end_table
 from .windows import WindowSampler
 
 __all__ = ["CorpusArguments", "PretrainingTrainer", "pretrain", "prepare_on_demand", "PRETRAINING_SETTINGS"]
