@@ -85,7 +85,7 @@ def test_plain_text_blank_line_documents_and_json_lines(tmp_path, monkeypatch):
      ("a.txt", b"\n  \n", "a.txt: no documents (the file is empty or holds only whitespace)"),
      ("a.txt", b"ok\nPK\x03\x04\x00\x00binary\n", "a.txt:2: a NUL byte: a.txt is a binary file, not text"),
      ("a.txt", "好\n坏".encode("gbk"), "a.txt:1: not UTF-8 (byte 0xba at column 1)"),
-     ("b.jsonl", b'{"text": "a"\n', "b.jsonl:1: not valid JSON (Expecting ',' delimiter at column 13); expected one object per line"),
+     ("b.jsonl", b'{"text": "a"\n', "b.jsonl:1: not valid JSON (Expecting ',' delimiter at column 13)"),
      ("b.jsonl", b'["a"]\n', "b.jsonl:1: expected a JSON object, got list"),
      ("b.jsonl", b'{"body": "a"}\n', "b.jsonl:1: no text field 'text' (fields: body); name it with --text_key")],
 )  # fmt: skip

@@ -29,6 +29,7 @@ import numpy as np
 
 from glm.errors import DataError
 from glm.files import crash_point
+from glm.jsonl import decode_line, parse_json_line
 
 __all__ = [
     "CORPUS_FILE", "TOKENS_FILE", "INDEX_FILE", "FORMAT", "PretrainingCorpus", "open_corpus", "prepare_corpus",
@@ -94,15 +95,11 @@ def _documents_of(path, json_lines, text_key, blank_line_documents):
         where = f"{name}:{number}"
         if b"\x00" in raw:
             raise DataError(f"{where}: a NUL byte: {name} is a binary file, not text")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
         held += len(raw)
-        text = line.rstrip("\r\n")
+        text = decode_line(raw, where).rstrip("\r\n")
         if json_lines:
             if text.strip():
-                yield where, _json_text(text, where, text_key), held
+                yield where, _json_text(raw.rstrip(b"\r\n"), where, text_key), held
                 held = 0
         elif blank_line_documents:
             if text.strip():
@@ -130,11 +127,8 @@ def _lines(path) -> Iterator[Tuple[int, bytes]]:
             yield number, raw
 
 
-def _json_text(line: str, where: str, text_key: str) -> str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); expected one object per line") from None
+def _json_text(raw: bytes, where: str, text_key: str) -> str:
+    row = parse_json_line(raw, where)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     text = row.get(text_key)
