@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -59,7 +58,7 @@ def prepare(work_dir, scale, tokenizer):
 
 def child(args):
     """Build the batches of a run over one corpus; print the memory figures."""
-    import glm  # noqa: F401
+    import glm  # noqa: F401  (sets the CPU thread count before paddle is imported)
     from glm.pretraining.corpus import open_corpus
     from glm.pretraining.dataset import BatchCollator, PretrainingDataset
     from glm.pretraining.objective import BlankInfillingBuilder, PretrainingArguments, sentence_end_table
@@ -75,16 +74,13 @@ def child(args):
                                  args.batches * args.batch_size)
     collator = BatchCollator(BlankInfillingBuilder(objective, ids, ends), seed=1, pad_id=ids.pad)
     before = rss()
-    started = time.perf_counter()
     for batch in range(args.batches):
         collator([dataset[i] for i in range(batch * args.batch_size, (batch + 1) * args.batch_size)])
-    seconds = time.perf_counter() - started
     after = rss()
     corpus_mib = (os.path.getsize(os.path.join(corpus.path, "tokens.bin")) + os.path.getsize(os.path.join(corpus.path, "tokens.idx"))) / 2**20
     print(f"{args.child:>4}x  {corpus.num_tokens / 1e6:7.1f}M tokens  corpus files {corpus_mib:7.1f} MiB  |  "
           f"RSS {before['VmRSS']:6.0f} -> {after['VmRSS']:6.0f} MiB  (anonymous {before['RssAnon']:6.0f} -> "
-          f"{after['RssAnon']:6.0f}, file-backed {before['RssFile']:5.0f} -> {after['RssFile']:5.0f})  "
-          f"{args.batches * args.batch_size / seconds:6.0f} windows/s", flush=True)
+          f"{after['RssAnon']:6.0f}, file-backed {before['RssFile']:5.0f} -> {after['RssFile']:5.0f})", flush=True)
 
 
 def main():
