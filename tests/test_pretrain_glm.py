@@ -174,6 +174,21 @@ def test_a_killed_run_rerun_ends_with_the_uninterrupted_runs_weights(micro_model
         np.testing.assert_array_equal(final[name], expected[name], err_msg=name)
 
 
+def test_data_parallel_on_two_cpu_processes(micro_model, corpora, tmp_path):  # noqa: F811
+    result = cli("-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
+                 "pretrain_glm.py", "--model_name_or_path", micro_model, "--corpus_dir", corpora["train"],
+                 "--eval_corpus_dir", corpora["dev"], "--output_dir", str(tmp_path / "out"), *FLAGS, "--do_train",
+                 "--do_eval", "--max_steps", "2")  # fmt: skip
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "log").glob("*"))
+    assert result.returncode == 0, (result.stderr + logs)[-4000:]
+    assert "train    2 steps of 8 rows" in logs and "2 processes on cpu" in logs  # 4 rows on each of 2 ranks
+    gathered = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    run(str(tmp_path / "out"), corpora, tmp_path / "one-process", "--do_eval")  # the same model, one process
+    alone = json.loads((tmp_path / "one-process" / "eval_results.json").read_text())
+    for objective in ("token", "sentence", "document"):  # each rank scored its share; the sums were gathered
+        assert gathered[f"eval_loss_{objective}"] == pytest.approx(alone[f"eval_loss_{objective}"], rel=1e-5)
+
+
 def prepare_cli(output, *inputs, crash_at=None):
     return cli(os.path.join("tools", "prepare_pretraining_data.py"), "--input", *inputs, "--output_dir", str(output),
                "--model_name_or_path", TINY, "--text_key", "summary", "--workers", "2", crash_at=crash_at)
