@@ -31,6 +31,7 @@ from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
 from glm.loading import load_model_and_tokenizer
 from glm.lora import load_lora
 from glm.tokenization import special_token_ids
+from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging
 from glm.understanding.language_model import lambada_examples, lm_examples, lm_metrics, score_targets
 from glm.understanding.multiple_choice import (
     build_choice_examples,
@@ -95,7 +96,7 @@ def progress_bar(total, what):
 
 
 def evaluate_multiple_choice(args, model, tokenizer):
-    src_length = args.src_length or model.config.max_sequence_length
+    src_length = model.config.max_sequence_length if args.src_length is None else args.src_length
     if not 4 <= src_length <= model.config.max_sequence_length:
         raise UserError(f"--src_length must be 4..{model.config.max_sequence_length} (the model's max); got {src_length}")
     builder = MultipleChoiceBuilder(tokenizer, src_length)
@@ -110,13 +111,17 @@ def evaluate_multiple_choice(args, model, tokenizer):
 def read_lines(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return [(number, line.strip()) for number, line in enumerate(f, start=1) if line.strip()]
+            text = f.read()
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no lines to score ({'the file is empty' if not text else 'the file holds only whitespace'})")
+    return lines
 
 
 def sequence_length(args, model):
-    seq_length = args.seq_length or model.config.max_sequence_length
+    seq_length = model.config.max_sequence_length if args.seq_length is None else args.seq_length
     if not 3 <= seq_length <= model.config.max_sequence_length:
         raise UserError(f"--seq_length must be 3..{model.config.max_sequence_length} (the model's max); got {seq_length}")
     return seq_length
@@ -164,10 +169,12 @@ def evaluate(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     with exit_on_user_error():
+        configure_logging(argv)
         try:
-            (args,) = PdArgumentParser(EvaluateArguments).parse_args_into_dataclasses(
-                args=sys.argv[1:] if argv is None else argv, look_for_args_file=False
+            args, _ = PdArgumentParser((EvaluateArguments, ConsoleArguments), formatter_class=HelpFormatter).parse_args_into_dataclasses(
+                args=argv, look_for_args_file=False
             )
         except ValueError as error:  # unknown flags
             raise UserError(str(error).splitlines()[0]) from None

@@ -35,6 +35,7 @@ def parse_cloze_arguments(argv):
         argv,
         default_argv=[DEFAULT_RECIPE, "--output_dir", DEFAULT_OUTPUT],
         defaults=DEFAULTS,
+        lengths=("src_length",),
     )
 
 

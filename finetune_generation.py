@@ -27,13 +27,15 @@ from glm.prediction import GENERATION_SETTINGS, GenerationArguments
 from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments, resolve_amp
 from glm.training.console import describe_model, shown
 from glm.training.driver import finish, last_checkpoint_to_resume, load_for_training, train_and_evaluate
+from glm.training.run_record import data_fingerprint, model_fingerprint, run_settings
 from utils import GenerationTrainer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-default.json")
 DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # where predict_generation.py looks
 DEFAULTS = {"model_name_or_path": os.path.join(ROOT, "configs", "glm-tiny-chinese"),
-            "dataset_name_or_path": os.path.join(ROOT, "demo_data")}
+            "dataset_name_or_path": os.path.join(ROOT, "demo_data"),
+            "label_smoothing": 0.1}  # THUDM's glm-large-chinese recipe
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu4": "BLEU-4", "loss": "eval loss"}
 
 
@@ -52,6 +54,8 @@ def parse_generation_arguments(argv):
         argv,
         default_argv=[DEFAULT_RECIPE, "--output_dir", DEFAULT_OUTPUT],
         defaults=DEFAULTS,
+        lengths=("src_length", "tgt_length"),
+        checkpoint_settings=True,
     )
 
 
@@ -62,7 +66,12 @@ def load_split(data_args, split):
 
 def run(model_args, data_args, generation_args, training_args, callbacks=()):
     dtype = resolve_amp(training_args)
-    checkpoint = last_checkpoint_to_resume(training_args)
+    # What determines the trained weights; the decoding flags (generation_args) only reach evaluation.
+    resume = last_checkpoint_to_resume(training_args, run_settings(
+        (model_args, data_args, training_args),
+        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
+                "dataset_name_or_path": data_fingerprint(data_args.dataset_name_or_path)},
+    ))
     set_seed(training_args.seed)
     generation_config = generation_args.config(data_args.tgt_length, seed=training_args.seed)
 
@@ -104,11 +113,11 @@ def run(model_args, data_args, generation_args, training_args, callbacks=()):
         eval_rows=eval_rows,
         lr_decay_ratio=model_args.lr_decay_ratio,
     )
-    settings = dict(asdict(generation_args), src_length=data_args.src_length,
-                    tgt_length=data_args.tgt_length, mask_token=data_args.mask_token)
+    generation_settings = dict(asdict(generation_args), src_length=data_args.src_length,
+                               tgt_length=data_args.tgt_length, mask_token=data_args.mask_token)
     train_and_evaluate(
-        trainer, checkpoint, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training,
-        extra_files={GENERATION_SETTINGS: settings},
+        trainer, resume, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training,
+        extra_files={GENERATION_SETTINGS: generation_settings},
         about={"model": describe_model(model_args, model),
                "data": f"{shown(data_args.dataset_name_or_path)}: {', '.join(splits)}"},
         metric_labels=METRIC_LABELS,

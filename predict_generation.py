@@ -24,8 +24,10 @@ import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imp
 from paddlenlp.trainer import PdArgumentParser
 from tqdm import tqdm
 
-from data import read_rows
-from glm.errors import DataError, UserError, exit_on_user_error
+from paddlenlp.utils.log import logger
+
+from data import build_examples, read_rows
+from glm.errors import DataError, UserError, exit_on_user_error, on_interrupt
 from glm.files import atomic_file, crash_point
 from glm.prediction import (
     GENERATION_SETTINGS,
@@ -36,6 +38,7 @@ from glm.prediction import (
 )
 from glm.resumable_output import files_signature, resumable_rows
 from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say, shown
+from glm.training.crash_safety import acquire_file_lock, release_lock
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
@@ -107,10 +110,13 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
 def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict):
     dataset = read_rows(args.data_file, args.src_key, need_target=False, skip_bad_rows=args.skip_bad_rows)
     rows = dataset.rows
+    build_examples(dataset, predictor.builder, with_target=False)  # notes the sources cut to src_length
     partial = args.output_file + ".partial" if args.output_file else None
     done = resumable_rows(partial, fingerprint, args.overwrite_output) if partial else 0
     if done:
         say(f"Resuming: {done} of {len(rows)} rows already in {partial}, made from the same inputs")
+    if partial:
+        on_interrupt(lambda: f"rerunning the same command continues after the rows already in {partial}")
     output = open(partial, "a", encoding="utf-8") if partial else sys.stdout
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
@@ -158,6 +164,8 @@ def _predict_lines(predictor: Predictor, output, interactive: bool):
             raise DataError(f"stdin:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
         if not text:
             continue
+        if predictor.builder.source_ids(text)[1]:
+            logger.warning(f"stdin:{number}: source cut to src_length={predictor.builder.src_length} tokens")
         fields = predictor.predict([text])[0]
         if interactive:
             print(fields.get("filled") or fields["prediction"])
@@ -197,6 +205,7 @@ def main(argv=None):
             raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")
         if args.output_file:
             check_output_file(args.output_file)
+            acquire_file_lock(args.output_file)  # two runs into one file would write every row twice
         fingerprint = None
         if args.data_file and args.output_file:
             if not os.path.isfile(args.data_file):
@@ -207,6 +216,8 @@ def main(argv=None):
             predict_file(predictor, args, fingerprint)
         else:
             predict_stdin(predictor, args)
+        if args.output_file:
+            release_lock(args.output_file)
 
 
 if __name__ == "__main__":

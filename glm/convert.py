@@ -40,7 +40,10 @@ from paddlenlp.transformers import GLMChineseTokenizer
 from paddlenlp.transformers.model_utils import no_init_weights
 
 from .configuration import GLMConfig
+from .errors import exit_on_user_error
+from .files import staged_directory
 from .modeling import GLMForConditionalGeneration
+from .training.console import LOG_LEVELS, configure_logging
 
 __all__ = ["ConversionError", "convert_checkpoint", "read_safetensors", "read_torch_bin", "main"]
 
@@ -354,11 +357,11 @@ def write_state_dict(state_dict: Dict[str, np.ndarray], path: str):
         pickle.dump(state_dict, file, protocol=5)
 
 
-def write_chinese_tokenizer(input_dir: str, output_dir: str, report):
+def write_chinese_tokenizer(input_dir: str, output_dir: str) -> bool:
+    """PaddleNLP's GLMChineseTokenizer files from `input_dir`'s cog-pretrain.model; False when it has none."""
     model_file = os.path.join(input_dir, "cog-pretrain.model")
     if not os.path.exists(model_file):
-        report(f"tokenizer: no cog-pretrain.model in {input_dir}, none written (only GLM-chinese's is converted)")
-        return
+        return False
     # Only the sentencepiece model is taken: THUDM's tokenizer_config.json lists GLM's special tokens in
     # another order, and PaddleNLP's GLMChineseTokenizer assigns their ids (50000-50009) itself.
     with tempfile.TemporaryDirectory() as staging:
@@ -366,7 +369,7 @@ def write_chinese_tokenizer(input_dir: str, output_dir: str, report):
         with open(os.path.join(staging, "tokenizer_config.json"), "w") as file:
             json.dump({"tokenizer_class": "GLMChineseTokenizer"}, file)
         GLMChineseTokenizer.from_pretrained(staging).save_pretrained(output_dir)
-    report(f"tokenizer: GLMChineseTokenizer from cog-pretrain.model written to {output_dir}")
+    return True
 
 
 def convert_checkpoint(
@@ -376,7 +379,9 @@ def convert_checkpoint(
     dtype: Optional[str] = None,
     report: Callable[[str], None] = print,
 ):
-    """Convert THUDM's HF GLM checkpoint in `input_dir` to `output_dir` (which must be new or empty)."""
+    """Convert THUDM's HF GLM checkpoint in `input_dir` to `output_dir` (which must be new or empty). It is
+    written beside it and renamed onto it once complete (glm.files.staged_directory): a kill never leaves
+    a torn model_state.pdparams, and a rerun removes what the killed run left."""
     if not os.path.isdir(input_dir):
         raise ConversionError(f"{input_dir}: no such directory")
     if os.path.exists(output_dir) and os.listdir(output_dir):
@@ -394,14 +399,18 @@ def convert_checkpoint(
         config.bad_words_id = [GMASK_ID]  # read by glm.generation (default_banned_ids)
     config.architectures = ["GLMForConditionalGeneration"]
 
-    os.makedirs(output_dir, exist_ok=True)
-    write_state_dict(state_dict, os.path.join(output_dir, "model_state.pdparams"))
-    config.save_pretrained(output_dir)
+    with staged_directory(output_dir, report) as staged:
+        write_state_dict(state_dict, os.path.join(staged, "model_state.pdparams"))
+        config.save_pretrained(staged)
+        tokenizer_written = write_chinese_tokenizer(input_dir, staged)
     dtypes = sorted({str(array.dtype) for array in state_dict.values()})
     report(f"weights: {len(state_dict)} tensors ({', '.join(dtypes)}) written to {output_dir}/model_state.pdparams")
     if dropped:
         report(f"config: dropped HF-only keys {', '.join(dropped)}")
-    write_chinese_tokenizer(input_dir, output_dir, report)
+    if tokenizer_written:
+        report(f"tokenizer: GLMChineseTokenizer from cog-pretrain.model written to {output_dir}")
+    else:
+        report(f"tokenizer: no cog-pretrain.model in {input_dir}, none written (only GLM-chinese's is converted)")
 
 
 def main(argv=None):
@@ -430,12 +439,15 @@ def main(argv=None):
         help="store every weight in this dtype (default: float32/float16 as stored, bfloat16 widened to float32). "
         "float16 keeps a float32 10B checkpoint's conversion under 24 GiB of memory.",
     )
+    parser.add_argument("--log_level", default="warning", choices=LOG_LEVELS, help="PaddleNLP's log lines (info: loading)")
     args = parser.parse_args(argv)
-    try:
-        convert_checkpoint(args.input_dir, args.output_dir, args.eop_gmask_overlap, args.dtype)
-    except (ConversionError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_user_error():
+        configure_logging(["--log_level", args.log_level])
+        try:
+            convert_checkpoint(args.input_dir, args.output_dir, args.eop_gmask_overlap, args.dtype)
+        except (ConversionError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

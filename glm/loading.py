@@ -11,10 +11,11 @@ import paddle
 from paddlenlp.utils.log import logger
 
 from .configuration import BUILTIN_CHECKPOINTS, GLMConfig
+from .files import files_sha256
 from .modeling import GLMForConditionalGeneration
 from .tokenization import TokenizerError, load_tokenizer
 
-__all__ = ["CheckpointError", "load_model", "load_model_and_tokenizer", "has_weights"]
+__all__ = ["CheckpointError", "load_model", "load_model_and_tokenizer", "has_weights", "weights_sha256"]
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
 
@@ -25,6 +26,14 @@ class CheckpointError(ValueError):
 
 def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
+
+
+def weights_sha256(path: str) -> str:
+    """SHA-256 of a checkpoint directory's model weight files (not adapters, optimizer or scheduler
+    state), cached beside them (glm.files.files_sha256)."""
+    names = [name for name in os.listdir(path)
+             if name.endswith((".pdparams", ".safetensors")) and not name.startswith(("lora_", "scheduler", "optimizer", "."))]  # fmt: skip
+    return files_sha256(path, names)
 
 
 def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):

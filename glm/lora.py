@@ -11,7 +11,6 @@ whose recorded base (`base_fingerprint.json`, written beside the adapter at trai
 fields of the config and a hash of the weight files) is not this base.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from paddlenlp.peft.lora.lora_model import LORA_WEIGHTS_NAME
 from paddlenlp.utils.log import logger
 
 from .configuration import BUILTIN_CHECKPOINTS
+from .loading import weights_sha256
 
 __all__ = [
     "DEFAULT_LORA_TARGETS", "BASE_FINGERPRINT", "SHAPE_FIELDS", "AdapterError", "linear_target_patterns",
@@ -40,26 +40,14 @@ class AdapterError(ValueError):
     """An adapter that does not belong to the base it is applied to; one line for the user."""
 
 
-def _weights_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    names = sorted(name for name in os.listdir(path)
-                   if name.endswith((".pdparams", ".safetensors")) and not name.startswith(("lora_", "scheduler", "optimizer")))  # fmt: skip
-    for name in names:
-        digest.update(name.encode())
-        with open(os.path.join(path, name), "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def base_fingerprint(model_name_or_path: str, config) -> dict:
     """What identifies a base: its shape fields and a hash of its weight files (a PaddleNLP name
-    stands for fixed weights)."""
+    stands for fixed weights); the hash is cached beside the weights, so a 20 GB base is read once."""
     fingerprint = {"config": {name: getattr(config, name) for name in SHAPE_FIELDS}}
     if model_name_or_path in BUILTIN_CHECKPOINTS and not os.path.isdir(model_name_or_path):
         fingerprint["name"] = model_name_or_path
     else:
-        fingerprint["weights_sha256"] = _weights_sha256(model_name_or_path)
+        fingerprint["weights_sha256"] = weights_sha256(model_name_or_path)
     return fingerprint
 
 

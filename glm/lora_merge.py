@@ -11,17 +11,13 @@ import shutil
 
 from paddlenlp.peft.lora import LoRALinear
 
+from .files import staged_directory
 from .loading import load_model
 from .lora import AdapterError, load_lora
 from .modeling import GLMForConditionalGeneration
+from .tokenization import TOKENIZER_FILES
 
 __all__ = ["LoRAMergeError", "merge_lora", "merge_lora_checkpoint"]
-
-# PaddleNLP's GLM tokenizers: GLMChineseTokenizer (cog-pretrain.model), GLMGPT2Tokenizer, GLMBertTokenizer.
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "cog-pretrain.model", "vocab.json", "merges.txt", "vocab.txt",
-)  # fmt: skip
 
 
 class LoRAMergeError(AdapterError):
@@ -50,18 +46,18 @@ def merge_lora(model: GLMForConditionalGeneration, lora_path: str, base_path=Non
     return merged
 
 
-def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_dir: str, force: bool = False):
-    """Write base + adapter as a plain checkpoint (weights, config, the base's tokenizer files)."""
+def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_dir: str, force: bool = False,
+                          report=print):
+    """Write base + adapter as a plain checkpoint (weights, config, the base's tokenizer files); `report`
+    prints the notes (a killed run's leftovers removed)."""
     if not os.path.exists(os.path.join(model_name_or_path, "config.json")):
         raise LoRAMergeError(f"{model_name_or_path}: no config.json (expected a GLM checkpoint directory)")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise LoRAMergeError(f"{output_dir} exists and is not empty; choose a new --output_dir")
     model = merge_lora(load_model(model_name_or_path), lora_path, model_name_or_path, force)
     # Written beside output_dir and renamed onto it (an empty directory) whole: a kill leaves no torn checkpoint.
-    staged = f"{os.path.abspath(output_dir).rstrip(os.sep)}.partial-{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(model_name_or_path, name)):
-            shutil.copy(os.path.join(model_name_or_path, name), staged)
-    os.replace(staged, output_dir)
+    with staged_directory(output_dir, report) as staged:
+        model.save_pretrained(staged)
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(model_name_or_path, name)):
+                shutil.copy(os.path.join(model_name_or_path, name), staged)

@@ -6,12 +6,21 @@ every special token to sentencepiece's unknown id 0, and training would then sil
 `special_token_ids` refuses such a tokenizer.
 """
 
+import json
 import os
 from dataclasses import dataclass
 
+import paddlenlp.transformers
 from paddlenlp.transformers import AutoTokenizer
 
-__all__ = ["GLMSpecialIds", "TokenizerError", "load_tokenizer", "special_token_ids"]
+__all__ = ["GLMSpecialIds", "TokenizerError", "TOKENIZER_FILES", "load_tokenizer", "special_token_ids"]
+
+# The files of PaddleNLP's GLM tokenizers: GLMChineseTokenizer (cog-pretrain.model), GLMGPT2Tokenizer,
+# GLMBertTokenizer.
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "cog-pretrain.model", "vocab.json", "merges.txt", "vocab.txt",
+)  # fmt: skip
 
 
 class TokenizerError(ValueError):
@@ -74,8 +83,19 @@ def load_tokenizer(path: str):
     """The tokenizer saved in directory `path` (a GLM checkpoint or our tiny default), checked for GLM."""
     if not os.path.isdir(path):
         raise TokenizerError(f"{path}: not a directory (expected a GLM checkpoint or tokenizer directory)")
-    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(config_file):
         raise TokenizerError(f"{path}: no tokenizer_config.json, so no tokenizer can be loaded from it")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            class_name = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError) as error:
+        raise TokenizerError(f"{config_file}: not a JSON object ({error})") from None
+    # PaddleNLP builds a tokenizer without its vocabulary file and fails with a TypeError deep inside.
+    needed = getattr(getattr(paddlenlp.transformers, str(class_name), None), "resource_files_names", {})
+    missing = [name for name in needed.values() if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise TokenizerError(f"{path}: no {missing[0]}, the vocabulary file its {class_name} needs")
     tokenizer = AutoTokenizer.from_pretrained(path)
     special_token_ids(tokenizer)
     return tokenizer

@@ -119,13 +119,34 @@ def test_one_coherent_default(flags, expected):
     assert got[:3] == expected[:3] and got[3].endswith(expected[3])
 
 
-def test_a_named_model_with_the_anchor_lengths_says_what_fits(tmp_path):
-    result = script("finetune_generation.py", "--model_name_or_path", TINY_DEFAULT_MODEL, "--output_dir", str(tmp_path))
+def test_a_named_model_without_a_recipe_takes_its_settings_or_fits_the_lengths(tmp_path, capsys):
+    # A checkpoint this toolkit wrote: the lengths and decoding it was trained with (generation_settings.json).
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(TINY_DEFAULT_MODEL, finetuned)
+    (finetuned / "generation_settings.json").write_text(json.dumps({"src_length": 40, "tgt_length": 48, "num_beams": 3}))
+    parse = finetune_generation.parse_generation_arguments
+    parsed = parse(["--model_name_or_path", str(finetuned), "--num_beams", "2", "--output_dir", "x"])
+    assert (parsed[1].src_length, parsed[1].tgt_length, parsed[2].num_beams) == (40, 48, 2)  # a flag given wins
+    assert "generation_settings.json (the lengths and decoding the model was trained with)" in capsys.readouterr().err
+    # Without one, THUDM's lengths come down to the model's maximum, with a note; a length given stays.
+    parsed = parse(["--model_name_or_path", TINY_DEFAULT_MODEL, "--output_dir", "x"])
+    assert (parsed[1].src_length, parsed[1].tgt_length) == (256, 160)
+    assert "with src_length 608 → 256 (the model's max_sequence_length)" in capsys.readouterr().err
+    result = script("finetune_generation.py", "--model_name_or_path", TINY_DEFAULT_MODEL, "--src_length", "300",
+                    "--output_dir", str(tmp_path / "out"))  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (
-        "error: --src_length 608 exceeds the model's max_sequence_length 256: pass --src_length 256 or less, or the "
-        "recipe configs/tiny-default.json (without a recipe the lengths default to THUDM's glm-large-chinese recipe)"
+        "error: --src_length 300 exceeds the model's max_sequence_length 256: pass --src_length 256 or less, or the "
+        "recipe configs/tiny-default.json"
     )
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty --output_dir
+
+
+def test_do_eval_false_also_skips_a_recipes_evaluation_before_training():
+    parse = finetune_generation.parse_generation_arguments
+    assert parse([])[1].eval_before_training  # the embedded default's recipe asks for it
+    assert not parse(["--do_eval", "false"])[1].eval_before_training
+    assert parse(["--do_eval", "false", "--eval_before_training", "true"])[1].eval_before_training
 
 
 def test_lora_on_the_embedded_default_takes_the_readme_path(tmp_path):

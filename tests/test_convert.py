@@ -24,7 +24,10 @@ from safetensors.numpy import save_file
 from test_modeling import glm_inputs, relative_error
 
 from glm import GLMConfig, GLMForConditionalGeneration
+import glm.convert
+import glm.files
 from glm.convert import ConversionError, _bfloat16_to_float32, convert_checkpoint, read_safetensors, read_torch_bin
+from glm.files import CRASH_AT_VARIABLE, CRASH_SIGNAL_VARIABLE
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny_torch_glm")
 # The torch Linear weights ([out, in]) of THUDM's GLMBlock.
@@ -353,3 +356,29 @@ def test_cli_prints_error_and_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"error: {tmp_path / 'out'} exists and is not empty" in result.stderr.splitlines()[-1]
+
+
+def test_a_stopped_conversion_leaves_no_torn_output_and_a_killed_ones_leftover_goes(tmp_path, monkeypatch, capsys, caplog):
+    from paddlenlp.utils.log import logger
+
+    config = hf_config()
+    write_hf_checkpoint(tmp_path / "hf", config, hf_state_dict(config))
+    argv = ["--input_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "out")]
+    monkeypatch.setenv(CRASH_AT_VARIABLE, "staged:before-rename")  # every file written, not yet renamed
+    monkeypatch.setenv(CRASH_SIGNAL_VARIABLE, "INT")
+    glm.files._crash_counts.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        glm.convert.main(argv)
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "stopped by Ctrl-C (SIGINT)"
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no output, and no staged copy
+    monkeypatch.delenv(CRASH_AT_VARIABLE)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"out.partial-{dead.pid}").mkdir()  # what a kill -9 leaves
+    (tmp_path / f"out.partial-{dead.pid}" / "model_state.pdparams").write_bytes(b"torn")
+    logger.set_level("INFO")  # as PaddleNLP starts: the run itself brings it to --log_level's warning
+    glm.convert.main(argv)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
+    assert f"removing {tmp_path}/out.partial-{dead.pid}, left by a run that was killed" in capsys.readouterr().out
+    assert not [record for record in caplog.records if record.levelname == "INFO"]
+    GLMForConditionalGeneration.from_pretrained(str(tmp_path / "out"))

@@ -194,6 +194,10 @@ def test_multiple_choice_accuracy_and_predictions(model_dir, tmp_path):
         (["--task", "lm", "--seq_length", "500"], "--seq_length must be 3..64"),
         (["--task", "lm", "--seq_length", "10", "--overlapping_eval", "10"], "--overlapping_eval must be 1..9"),
         (["--task", "lambada", "--bad_lambada"], "needs a context and a last word"),
+        (["--task", "lambada", "--empty_file"], "empty.txt: no lines to score (the file is empty)"),
+        (["--task", "lambada", "--blank_file"], "blank.txt: no lines to score (the file holds only whitespace)"),
+        (["--task", "lm", "--seq_length", "0"], "--seq_length must be 3..64 (the model's max); got 0"),
+        (["--task", "multiple_choice", "--src_length", "0", "--bad_choice"], "--src_length must be 4..64 (the model's max); got 0"),
         (["--task", "multiple_choice", "--bad_choice"], "dev.json:2: 'label' must be a choice index 0..1, got 2"),
         (["--task", "lm", "--lora_path", "/tmp"], "/tmp: no lora_config.json"),
         # An adapter refusal (glm.lora.AdapterError) is one line here too, as in predict.
@@ -205,6 +209,11 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, flags, me
     text.write_text("这款百搭上衣\n", encoding="utf-8")
     if "--bad_lambada" in flags:
         flags = flags[:-1] + ["--data_file", str(text)]
+    for name, content in (("--empty_file", ""), ("--blank_file", " \n\t\n")):
+        if name in flags:
+            path = tmp_path / f"{name[2:7]}.txt"
+            path.write_text(content, encoding="utf-8")
+            flags = flags[:-1] + ["--data_file", str(path)]
     if "--adapter_without_weights" in flags:
         (tmp_path / "adapter").mkdir()
         (tmp_path / "adapter" / "lora_config.json").write_text("{}", encoding="utf-8")

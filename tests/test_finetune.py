@@ -1,4 +1,5 @@
-"""finetune_generation.py: every flag changes behaviour, resume, distributed, the default job, bad input."""
+"""finetune_generation.py: every flag changes behaviour, distributed, the default job, bad input (resume and
+reruns: test_reruns.py, test_faults.py)."""
 
 import json
 import os
@@ -10,7 +11,6 @@ import numpy as np
 import paddle
 import pytest
 from conftest import ROOT
-from paddlenlp.trainer import TrainerCallback
 from paddlenlp.transformers import AutoTokenizer
 
 import finetune_generation
@@ -152,30 +152,9 @@ def test_lora_on_a_base_without_weights_is_refused(micro_model, micro_data, tmp_
     assert "holds no weights" in capsys.readouterr().err and not (tmp_path / "lora_config.json").exists()
 
 
-class StopAfterSave(TrainerCallback):
-    """Simulates a run killed right after its first checkpoint was written."""
-
-    def on_save(self, args, state, control, **kwargs):
-        raise KeyboardInterrupt
-
-
 def test_save_total_limit_keeps_the_newest_checkpoints(micro_model, micro_data, tmp_path):
     run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
-
-
-def test_resume_reaches_the_same_state_as_an_uninterrupted_run(micro_model, micro_data, tmp_path):
-    # 48 rows in batches of 8: 6 steps an epoch, so the run is cut inside its second epoch
-    flags = ("--do_train", "--max_steps", "10", "--save_steps", "8")
-    whole = run(micro_model, micro_data, tmp_path / "whole", *flags)
-    with pytest.raises(KeyboardInterrupt):
-        run(micro_model, micro_data, tmp_path / "cut", *flags, callbacks=[StopAfterSave()])
-    assert (tmp_path / "cut" / "checkpoint-8").is_dir() and not (tmp_path / "cut" / "model_state.pdparams").exists()
-    resumed = run(micro_model, micro_data, tmp_path / "cut", *flags)  # picks up checkpoint-8 by itself
-    assert logged(resumed, "loss")[-1] == pytest.approx(logged(whole, "loss")[-1], rel=1e-5)
-    whole_weights = whole.model.state_dict()
-    for name, value in resumed.model.state_dict().items():
-        np.testing.assert_allclose(value.numpy(), whole_weights[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize(

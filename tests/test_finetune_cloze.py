@@ -87,6 +87,11 @@ def test_lora_saves_only_the_adapter_and_evaluate_applies_it(trained, micro_cloz
         ('{"inputs_pretokenized": "这款[MASK]", "choices_pretokenized": ["鞋", "包"], "label": "鞋"}', "'label' must be a choice index 0..1"),
         ('{"inputs_pretokenized": "", "choices_pretokenized": ["鞋", "包"], "label": 0}', "'inputs_pretokenized' must be a non-empty string"),
         ("not json", "not valid JSON"),
+        # The right one of two equal choices can never win (a tie broken by float noise).
+        ('{"inputs_pretokenized": "这款[MASK]", "choices_pretokenized": ["鞋", "包", "鞋 "], "label": 0}',
+         "choices 0 and 2 are the same ('鞋 ')"),
+        ('{"inputs_pretokenized": "这款[MASK]配[MASK]", "choices_pretokenized": ["鞋", "包"], "label": 0}',
+         "'inputs_pretokenized' holds 2 blanks ([MASK], [MASK]); a choice fills one"),
     ],
 )
 def test_bad_rows_are_one_line_and_exit_2(micro_model, micro_cloze, tmp_path, capsys, row, message):  # noqa: F811
@@ -100,6 +105,17 @@ def test_bad_rows_are_one_line_and_exit_2(micro_model, micro_cloze, tmp_path, ca
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: train.json:97: ") and message in last
+
+
+def test_label_smoothing_is_refused_not_ignored(micro_model, micro_cloze, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
+        run(micro_model, micro_cloze, tmp_path / "out", "--max_steps", "1", "--label_smoothing", "0.1")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --label_smoothing 0.1: it applies to generation's token loss (finetune_generation.py); the choice "
+        "loss is THUDM's plain cross-entropy, so leave it at 0"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_embedded_cloze_example_is_what_its_tool_builds(tmp_path):

@@ -1,5 +1,6 @@
 """glm.lora_merge / tools/merge_lora.py: base + trained adapter -> a plain checkpoint with the same logits."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -138,3 +139,21 @@ def test_cli_reports_a_mismatched_base_in_one_line_and_exits_2(tmp_path, base_an
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: adapter ")
+
+
+def test_cli_removes_a_killed_runs_leftover_and_logs_at_warning(tmp_path, base_and_adapter, capsys, caplog):
+    from paddlenlp.utils.log import logger
+
+    base, adapter, unmerged = base_and_adapter
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f"merged.partial-{dead.pid}"  # what a kill -9 during a merge leaves
+    leftover.mkdir()
+    spec = importlib.util.spec_from_file_location("merge_lora_tool", os.path.join(ROOT, "tools", "merge_lora.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    logger.set_level("INFO")  # as PaddleNLP starts
+    tool.main(["--model_name_or_path", str(base), "--lora_path", str(adapter), "--output_dir", str(tmp_path / "merged")])
+    assert not leftover.exists() and f"removing {leftover}, left by a run that was killed" in capsys.readouterr().out
+    assert not [record for record in caplog.records if record.levelname == "INFO"]
+    assert relative_error(logits(GLMForConditionalGeneration.from_pretrained(tmp_path / "merged")), unmerged) < 1e-5

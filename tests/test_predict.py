@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ import pytest
 from conftest import ROOT
 from test_finetune import cli, micro_data, micro_model, run  # noqa: F401  (fixtures)
 
+import glm.files
 import predict_generation
 from glm import GLMConfig, GLMForConditionalGeneration
+from glm.files import CRASH_AT_VARIABLE, CRASH_SIGNAL_VARIABLE
 from glm.lora_merge import merge_lora_checkpoint
 
 
@@ -199,3 +202,59 @@ def test_adapter_refusals(trained, micro_data, tmp_path, capsys):  # noqa: F811
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert merged.returncode == 2 and "was trained on another base than" in merged.stderr.strip().splitlines()[-1]
+
+
+def test_a_second_prediction_into_the_same_file_refuses(trained, micro_data, tmp_path, capsys):  # noqa: F811
+    base, _ = trained
+    output = tmp_path / "out.jsonl"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first run, still writing
+    try:
+        (tmp_path / "out.jsonl.lock").write_text(f"{socket.gethostname()} {sleeper.pid}")
+        with pytest.raises(SystemExit) as exit_info:
+            predict("--model_name_or_path", base, data_file=os.path.join(micro_data, "dev.json"), output_file=output)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --output_file {output} is being written by another run (pid {sleeper.pid} on "
+            f"{socket.gethostname()}; lock {output}.lock): wait for it, or use another --output_file"
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.lock"]  # nothing written, nothing removed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    rows = predict("--model_name_or_path", base, data_file=os.path.join(micro_data, "dev.json"), output_file=output)
+    assert len(rows) == 6 and not (tmp_path / "out.jsonl.lock").exists()  # a lock whose run is gone is taken over
+
+
+def test_ctrl_c_keeps_the_rows_done_and_says_how_to_go_on(trained, micro_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    base, _ = trained
+    output = tmp_path / "out.jsonl"
+    flags = ("--model_name_or_path", base, "--batch_size", "1")  # chunks of 8 rows
+    lines = open(os.path.join(micro_data, "train.json"), encoding="utf-8").readlines()[:12]
+    (tmp_path / "in.json").write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setenv(CRASH_AT_VARIABLE, "predict:chunk-written")
+    monkeypatch.setenv(CRASH_SIGNAL_VARIABLE, "INT")
+    glm.files._crash_counts.clear()
+    with pytest.raises(SystemExit) as exit_info:
+        predict(*flags, data_file=tmp_path / "in.json", output_file=output)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stopped by Ctrl-C (SIGINT): rerunning the same command continues after the rows already in {output}.partial"
+    )
+    assert len(open(f"{output}.partial", encoding="utf-8").readlines()) == 8 and not (tmp_path / "out.jsonl.lock").exists()
+    monkeypatch.delenv(CRASH_AT_VARIABLE)
+    assert len(predict(*flags, data_file=tmp_path / "in.json", output_file=output)) == 12
+
+
+def test_a_model_without_its_sentencepiece_file_and_cut_sources_are_said(trained, micro_data, tmp_path, capsys, caplog):  # noqa: F811
+    base, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken, ignore=shutil.ignore_patterns("checkpoint-*", "cog-pretrain.model"))
+    with pytest.raises(SystemExit) as exit_info:
+        predict("--model_name_or_path", str(broken), data_file=os.path.join(micro_data, "dev.json"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {broken}: no cog-pretrain.model, the vocabulary file its GLMChineseTokenizer needs"
+    )
+    predict("--model_name_or_path", base, "--src_length", "8", data_file=os.path.join(micro_data, "dev.json"),
+            output_file=tmp_path / "o.jsonl")  # fmt: skip
+    assert "dev.json: 6 of 6 sources cut to src_length=8 tokens" in caplog.text

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: the NaN guard, the output-dir lock, strict loading, file modes, and
 every bad input that used to end in a traceback (one `error:` line and exit 2 now)."""
 
+import gc
 import json
 import os
 import shutil
@@ -15,7 +16,10 @@ from conftest import tiny_config_kwargs
 from test_finetune import micro_data, micro_model, micro_weights_model, run  # noqa: F401  (fixtures)
 
 import glm
+import glm.files
+from glm.lora import base_fingerprint
 from glm.training.crash_safety import acquire_lock, checkpoint_problem, release_lock
+from glm.training.curve import CURVE_FILE, plot_training_curve
 from glm.convert import ConversionError, read_safetensors, read_torch_bin
 from glm.loading import CheckpointError, load_model
 from glm.errors import UserError
@@ -34,9 +38,17 @@ def exits_with_one_line(capsys, call, message):
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
-    flags = ("--do_train", "--max_steps", "6", "--save_steps", "1", "--learning_rate", "1e30")
-    line = exits_with_one_line(capsys, lambda: run(micro_model, micro_data, tmp_path, *flags), "the loss became nan at step 2")
+    flags = ("--do_train", "--max_steps", "6", "--save_steps", "1", "--learning_rate", "1e30", "--disable_tqdm", "false")
+    with pytest.raises(SystemExit) as exit_info:
+        run(micro_model, micro_data, tmp_path, *flags)
+    assert exit_info.value.code == 2
+    del exit_info  # what keeps the trainer and its progress bar alive; an exiting process drops them too
+    gc.collect()
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1]  # the last line, after the progress bar (closed first)
+    assert line.startswith("error: the loss became nan at step 2") and not any("Traceback" in e for e in err)
     assert "the last finite loss was" in line and "at step 1" in line and "lower --learning_rate" in line
+    assert any(e.startswith("training:") for e in err)
     assert not (tmp_path / "model_state.pdparams").exists()  # no NaN model as the final output
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]  # the earlier checkpoint stays
     assert checkpoint_problem(str(tmp_path / "checkpoint-1")) is None
@@ -120,10 +132,50 @@ def test_outputs_are_written_with_the_users_umask(tmp_path):
     try:
         write_json_atomic(str(tmp_path / "a.json"), {"x": 1})
         write_jsonl_atomic(str(tmp_path / "b.jsonl"), [{"x": 1}])
+        plot_training_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}], str(tmp_path / CURVE_FILE))
     finally:
         os.umask(previous)
-    for name in ("a.json", "b.jsonl"):
-        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+    for name in ("a.json", "b.jsonl", CURVE_FILE):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
+def test_a_stop_right_after_an_atomic_rename_is_still_a_stop(tmp_path, monkeypatch):
+    rename = os.replace
+
+    def rename_then_ctrl_c(source, target):
+        rename(source, target)
+        raise KeyboardInterrupt  # SIGINT/SIGTERM handled in the next bytecode, still inside atomic_file
+
+    monkeypatch.setattr(glm.files.os, "replace", rename_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # not a FileNotFoundError removing the renamed temporary
+        write_json_atomic(str(tmp_path / "a.json"), {"x": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1} and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_results_and_state_are_replaced_whole(micro_model, micro_data, tmp_path):  # noqa: F811
+    trainer = run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "1")
+    written = {name: (tmp_path / name).read_bytes() for name in ("train_results.json", "all_results.json", "trainer_state.json")}
+    with pytest.raises(TypeError):  # a write that fails midway, as a kill or a full disk would stop it
+        trainer.save_metrics("train", {"train_loss": 1.0, "unwritable": object()})
+    trainer.state.log_history.append({"unwritable": object()})
+    with pytest.raises(TypeError):
+        trainer.save_state()
+    assert {name: (tmp_path / name).read_bytes() for name in written} == written
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_base_is_hashed_once_while_its_files_stay_the_same(saved_tiny, monkeypatch):
+    monkeypatch.setattr(glm.files, "SHA256_CACHE_MIN_BYTES", 0)  # the tiny base stands for a 20 GB one
+    config = glm.GLMConfig.from_pretrained(str(saved_tiny))
+    first = base_fingerprint(str(saved_tiny), config)
+    cache_file = saved_tiny / glm.files.SHA256_CACHE
+    cache = json.loads(cache_file.read_text())
+    (entry,) = cache.values()
+    assert entry["sha256"] == first["weights_sha256"]
+    cache_file.write_text(json.dumps({key: dict(value, sha256="from the cache") for key, value in cache.items()}))
+    assert base_fingerprint(str(saved_tiny), config)["weights_sha256"] == "from the cache"  # not read again
+    os.utime(saved_tiny / "model_state.pdparams")  # rewritten (a new mtime): hashed again
+    assert base_fingerprint(str(saved_tiny), config) == first
 
 
 @pytest.mark.parametrize(
@@ -152,6 +204,12 @@ def test_data_file_problems(micro_model, micro_data, tmp_path, capsys):  # noqa:
     os.remove(data / "train.json")
     (data / "train.json").mkdir()
     exits_with_one_line(capsys, lambda: run(micro_model, str(data), tmp_path / "out", "--do_train"), "train.json is a directory")
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty --output_dir
+    os.rmdir(data / "train.json")
+    with open(data / "train.json", "w", encoding="utf-8") as f:
+        f.write('{"content": "类型#裙", "summary": ""}\n')
+    exits_with_one_line(capsys, lambda: run(micro_model, str(data), tmp_path / "a" / "b", "--do_train"), "'summary' is empty")
+    assert not (tmp_path / "a").exists()  # nor the directories made for it
 
 
 def test_a_model_with_non_finite_weights_is_refused(saved_tiny):

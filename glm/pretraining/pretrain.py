@@ -9,7 +9,7 @@ flags out of range, a corpus smaller than one window.
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
 import paddle
 from paddlenlp.datasets import MapDataset
@@ -25,6 +25,7 @@ from ..tokenization import load_tokenizer, special_token_ids
 from ..training import console
 from ..training.arguments import resolve_amp
 from ..training.driver import last_checkpoint_to_resume, load_for_training, train_and_evaluate
+from ..training.run_record import directory_fingerprint, model_fingerprint, run_settings
 from ..training.trainer import GLMTrainer
 from ..understanding.language_model import score_targets
 from .corpus import ensure_corpus, open_corpus
@@ -40,6 +41,9 @@ METRIC_LABELS = {f"loss_{objective}": f"{objective} loss" for objective in OBJEC
 
 @dataclass
 class CorpusArguments:
+    # What only reaches evaluation or the dump: not part of the run's settings record (run_record.py).
+    free_flags: ClassVar[Tuple[str, ...]] = ("eval_corpus_dir", "eval_windows", "eval_before_training", "dump_examples",
+                                             "dump_count")
     corpus_dir: Optional[str] = field(
         default=None, metadata={"help": "The prepared corpus to train on (tools/prepare_pretraining_data.py)."})
     eval_corpus_dir: Optional[str] = field(
@@ -59,6 +63,13 @@ class PretrainingTrainer(GLMTrainer):
     def __init__(self, *args, held_out, mixture, pad_id, **kwargs):
         super().__init__(*args, **kwargs)
         self.held_out, self.mixture, self.pad_id = held_out, mixture, pad_id
+
+    def steps_per_epoch(self) -> int:
+        # An epoch of pretraining is a pass of windows over the corpus; the stream itself is as long as
+        # the run (max_steps is always set), which PaddleNLP's train takes for one epoch.
+        samples_per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                            * max(1, self.args.dataset_world_size))
+        return max(1, math.ceil(self.train_dataset.samples_per_epoch / samples_per_step))
 
     def _get_train_sampler(self):
         # In order: a sample's index is its place in the stream, and a resumed run is started at the
@@ -130,7 +141,11 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
     stream.length = training_args.max_steps * samples_per_step
 
     dtype = resolve_amp(training_args)
-    checkpoint = last_checkpoint_to_resume(training_args)
+    resume = last_checkpoint_to_resume(training_args, run_settings(
+        (model_args, corpus_args, objective_args, training_args),
+        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
+                "corpus_dir": directory_fingerprint(corpus.path)},
+    ))
     set_seed(training_args.seed)
     model, _ = load_for_training(model_args, dtype, {"seq_length": objective_args.seq_length}, task_recipe=task_recipe,
                                  label_smoothing=model_args.label_smoothing)
@@ -151,7 +166,7 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
     mixture = ", ".join(f"{objective} {share:g}" for objective, share in objective_args.mixture().items())
     settings = {"objective": asdict(objective_args), "corpus": corpus.metadata}
     train_and_evaluate(
-        trainer, checkpoint, half_precision=dtype is not None, eval_before_training=corpus_args.eval_before_training,
+        trainer, resume, half_precision=dtype is not None, eval_before_training=corpus_args.eval_before_training,
         extra_files={PRETRAINING_SETTINGS: settings},
         about={
             "model": console.describe_model(model_args, model),

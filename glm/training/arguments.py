@@ -1,9 +1,10 @@
 """The flags every finetuning task shares, and how a run's command line is read: a recipe JSON followed
 by overriding flags, or flags on top of the task's embedded default recipe."""
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import paddle
 from paddlenlp.trainer import PdArgumentParser
@@ -12,6 +13,7 @@ from paddlenlp.utils.log import logger
 
 from ..errors import UserError
 from ..lora import DEFAULT_LORA_TARGETS
+from ..prediction import apply_checkpoint_settings
 from . import console
 
 __all__ = ["ModelArguments", "DatasetArguments", "parse_arguments", "resolve_amp"]
@@ -23,7 +25,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "A GLM checkpoint directory, or a PaddleNLP name such as THUDM/glm-large-chinese."},
     )
-    label_smoothing: float = field(default=0.1, metadata={"help": "THUDM's (1-e)*CE + e*mean_vocab(-log p)."})
+    label_smoothing: float = field(  # finetune_generation.py's default is THUDM's 0.1 (its `defaults`)
+        default=0.0, metadata={"help": "THUDM's (1-e)*CE + e*mean_vocab(-log p) in generation's token loss."}
+    )
     lr_decay_ratio: float = field(
         default=0.1, metadata={"help": "linear/cosine schedules end at learning_rate x this ratio (THUDM)."}
     )
@@ -38,6 +42,9 @@ class ModelArguments:
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Fused scaled_dot_product_attention (for GPUs)."}
     )
+    # Not in a checkpoint's run record (run_record.py): the same attention computed another way.
+    # model_name_or_path is compared by the model's fingerprint (its path may change).
+    free_flags: ClassVar[Tuple[str, ...]] = ("use_flash_attention",)
 
 
 @dataclass
@@ -51,19 +58,28 @@ class DatasetArguments:
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N dev rows."})
     eval_before_training: bool = field(default=False, metadata={"help": "Score the untrained model first."})
+    # Not in a checkpoint's run record (run_record.py): evaluation only, or (skip_bad_rows) a refusal
+    # rather than other rows. dataset_name_or_path is compared by its training file's hash.
+    free_flags: ClassVar[Tuple[str, ...]] = ("skip_bad_rows", "max_eval_samples", "eval_before_training")
 
     def __post_init__(self):
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ValueError(f"--max_eval_samples must be at least 1; got {self.max_eval_samples}")
 
 
-def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, defaults: Optional[Dict[str, str]] = None):
+def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, defaults: Optional[Dict[str, str]] = None,
+                    lengths: Sequence[str] = (), checkpoint_settings: bool = False):
     """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
     `default_argv` (the embedded default recipe, then its output dir): every flag, the tiny model and its
     lengths stay together. With --model_name_or_path and no recipe, the dataclass defaults apply (THUDM's
-    glm-large-chinese recipe). `defaults` ({flag: value}) are the task's own defaults of the dataclass
-    fields, such as its model and dataset paths in the checkout. Also sets the log level (ConsoleArguments,
-    parsed here and not returned)."""
+    glm-large-chinese recipe), except that with `checkpoint_settings` the fields a model directory's
+    generation_settings.json names (the lengths and decoding it was trained with) take its values, as in
+    predict; and the `lengths` fields above the model's max_sequence_length come down to it, with a note.
+    Flags the user gave are never changed. `defaults` ({flag: value}) are the task's own defaults of the
+    dataclass fields, such as its model and dataset paths in the checkout. An explicit `--do_eval false`
+    also turns off a recipe's eval_before_training (unless --eval_before_training is given too). The
+    names of the flags the user gave are kept as training_args.given_flags. Also sets the log level
+    (ConsoleArguments, parsed here and not returned)."""
     default_recipe = default_argv[0]
     parser = PdArgumentParser(
         tuple(dataclass_types) + (console.ConsoleArguments,),
@@ -111,14 +127,43 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
         training_args.do_train = training_args.do_eval = True
     if evaluation_at_end:
         training_args.evaluation_strategy = IntervalStrategy.NO
+    given = frozenset(arg[2:].split("=")[0] for arg in user_flags if arg.startswith("--"))
+    training_args.given_flags = given  # an explicit --do_eval evaluates a finished run again (driver.py)
+    if "do_eval" in given and not training_args.do_eval and "eval_before_training" not in given:
+        for arguments in parsed:
+            if hasattr(arguments, "eval_before_training"):
+                arguments.eval_before_training = False  # --do_eval false: no decoding, not even before training
+    if recipe is None:
+        source = "none: " + model_defaults(parsed, given, lengths, checkpoint_settings)
+    else:
+        embedded = os.path.abspath(recipe) == os.path.abspath(default_recipe)
+        source = console.shown(recipe) + (" (the embedded default)" if embedded else "")
     if training_args.should_log:
-        if recipe is None:
-            source = "none: the built-in defaults (THUDM's glm-large-chinese recipe)"
-        else:
-            embedded = os.path.abspath(recipe) == os.path.abspath(default_recipe)
-            source = console.shown(recipe) + (" (the embedded default)" if embedded else "")
         console.say(f"recipe   {source}" + (f" + {' '.join(user_flags)}" if user_flags else ""))
     return tuple(parsed)
+
+
+def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:
+    """The defaults of a run naming its model without a recipe (see parse_arguments), said in a few words."""
+    model = next(arguments.model_name_or_path for arguments in parsed if hasattr(arguments, "model_name_or_path"))
+    source = "the built-in defaults (THUDM's glm-large-chinese recipe)"
+    settings_file = apply_checkpoint_settings(model, given, *parsed) if checkpoint_settings else None
+    if settings_file:
+        source = f"{console.shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
+    config_file = os.path.join(model, "config.json")
+    if not os.path.isfile(config_file):
+        return source  # a PaddleNLP name (the defaults are its recipe's) or a path that loading will refuse
+    with open(config_file, encoding="utf-8") as f:
+        limit = json.load(f).get("max_sequence_length")
+    lowered = []
+    for arguments in parsed:
+        for name in lengths:
+            if name not in given and isinstance(limit, int) and getattr(arguments, name, 0) > limit:
+                lowered.append(f"{name} {getattr(arguments, name)} → {limit}")
+                setattr(arguments, name, limit)
+    if lowered:
+        source += f", with {', '.join(lowered)} (the model's max_sequence_length)"
+    return source
 
 
 def check_sizes(training_args):

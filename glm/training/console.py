@@ -8,7 +8,6 @@ default, as are colour codes and cursor movement when stderr is a file rather th
 
 import argparse
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from paddlenlp.trainer.trainer_callback import ProgressCallback
 from paddlenlp.utils.log import logger
 from tqdm import tqdm
 
-from ..loading import has_weights
 from ..errors import UserError
+from ..loading import has_weights
+from .crash_safety import checkpoint_step
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Metrics every Trainer evaluation reports about itself, not about the model.
@@ -134,14 +134,14 @@ def print_header(trainer, checkpoint, about: Dict[str, str]):
         say(f"{label:<8} {text}")
     if args.do_train and trainer.train_dataset is not None:
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.dataset_world_size)
-        # A pretraining stream is as long as the run; its epoch is one pass over the corpus.
-        samples = getattr(trainer.train_dataset, "samples_per_epoch", len(trainer.train_dataset))
-        per_epoch = max(1, math.ceil(samples / batch))
-        steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        steps = trainer.total_steps()
+        resumed = f", resuming {shown(checkpoint)}" if checkpoint else ""
+        if checkpoint and checkpoint_step(checkpoint) >= steps:
+            resumed = f", finishing from {shown(checkpoint)} (its steps are all trained)"
         say(
-            f"train    {steps} steps of {batch} rows ({steps / per_epoch:.3g} epochs), learning rate "
+            f"train    {steps} steps of {batch} rows ({steps / trainer.steps_per_epoch():.3g} epochs), learning rate "
             f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {args.device}"
-            + (f", resuming {shown(checkpoint)}" if checkpoint else "")
+            + resumed
         )
     say(f"output   {shown(args.output_dir)}")
 

@@ -3,12 +3,12 @@ a run evaluated more than once (the untrained model counts, at step 0). Drawn fr
 log_history, so a resumed run draws its whole history."""
 
 import os
-import tempfile
 from typing import Dict, List, Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless: no display, no pyplot state
 from matplotlib.figure import Figure
 
+from ..files import atomic_file
 from .console import BOOKKEEPING
 
 CURVE_FILE = "training_curve.png"
@@ -70,13 +70,6 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
         score_axis.legend(loc="best")
         score_axis.set_title("evaluation" + (" (step 0: untrained)" if untrained else ""))
 
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_file(path, binary=True) as f:  # with the user's umask, like every other output
+        figure.savefig(f, format="png")
     return True

@@ -1,22 +1,27 @@
 """The PaddleNLP Trainer as every GLM task trains with it: THUDM's decay-to-ratio schedule, a resumable
-single-process shuffle, checkpoints that appear only when complete (crash_safety.py) and rotate in a
-single process too, and a stop at the first non-finite loss."""
+single-process shuffle, checkpoints that appear only when complete (crash_safety.py), rotate in a
+single process too and record the run's settings (run_record.py), a resume that stops at max_steps and
+reports the whole run's loss, results written atomically, and a stop at the first non-finite loss."""
 
+import dataclasses
+import json
 import math
 import os
 from functools import partial
 
 import paddle
+from paddle.distributed.parallel import sync_params_buffers
 from paddle.io import DistributedBatchSampler
-from paddlenlp.trainer import ProgressCallback, Trainer
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
+from paddlenlp.trainer import ProgressCallback, Trainer, TrainerState
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from paddlenlp.utils.log import logger
 
 from ..errors import UserError
 from ..files import crash_point, write_json_atomic
 from ..lora import BASE_FINGERPRINT
 from . import console
-from .crash_safety import STAGING, publish_checkpoint, staging_dir
+from .crash_safety import STAGING, TRAINER_STATE, checkpoint_step, publish_checkpoint, staging_dir
+from .run_record import RECORD_FILE, read_record, total_steps
 
 __all__ = ["GLMTrainer", "TrainingDiverged", "lr_factor"]
 
@@ -47,8 +52,9 @@ class TrainingDiverged(UserError):
 
 class GLMTrainer(Trainer):
     """The PaddleNLP Trainer with THUDM's decay-to-ratio schedule, a resumable single-process shuffle,
-    checkpoints that appear only when complete (rotated outside paddle.distributed.launch too) and a stop
-    at the first non-finite loss. Task trainers subclass it for evaluation."""
+    checkpoints that appear only when complete (rotated outside paddle.distributed.launch too) and hold
+    the run's record, a resume that stops at max_steps, and a stop at the first non-finite loss. Task
+    trainers subclass it for evaluation."""
 
     def __init__(self, *args, lr_decay_ratio, **kwargs):
         super().__init__(*args, **kwargs)
@@ -56,6 +62,11 @@ class GLMTrainer(Trainer):
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(console.ConsoleProgress)
         self.last_finite_loss = None  # (step, loss)
+        self.run_settings = None  # the run's RunSettings (set by driver.train_and_evaluate), in every record
+        self.earlier_loss_sum = 0.0  # the step losses of the run before the checkpoint it resumed
+        self.train_loss_sum = None  # all of the run's step losses, once trained
+        self._unlogged_loss = None  # the Trainer's running loss since its last log, during training
+        self._steps_per_epoch = None
         save = self._save_ckpt_func
 
         def save_then_crash_point(obj, path, *args, **kwargs):
@@ -80,6 +91,88 @@ class GLMTrainer(Trainer):
             )
         self.last_finite_loss = (step, value)
         return loss
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as PaddleNLP's train counts them."""
+        if self._steps_per_epoch is None:
+            self._steps_per_epoch = max(len(self.get_train_dataloader()) // self.args.gradient_accumulation_steps, 1)
+        return self._steps_per_epoch
+
+    def total_steps(self) -> int:
+        return total_steps(self.args.max_steps, self.args.num_train_epochs, self.steps_per_epoch())
+
+    def train(self, resume_from_checkpoint=None, ignore_keys_for_eval=None):
+        # Overridden for two resume bugs of PaddleNLP's train: resumed from a checkpoint at max_steps, it
+        # skips to that step's batch and trains one step more (13 of 12); and its train_loss is the sum
+        # of the losses this process trained divided by all the run's steps.
+        record = read_record(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.earlier_loss_sum = record.get("train_loss_sum", 0.0) if record else 0.0
+        if resume_from_checkpoint and checkpoint_step(resume_from_checkpoint) >= self.total_steps():
+            return self._trained_until(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint, ignore_keys_for_eval)
+        self._unlogged_loss = None  # now in _total_loss_scalar
+        self.train_loss_sum = self.earlier_loss_sum + self._total_loss_scalar
+        loss = self.train_loss_sum / max(output.global_step, 1)
+        output.metrics["train_loss"] = loss
+        self.state.log_history[-1]["train_loss"] = loss  # the entry Trainer.train logged its metrics in
+        return TrainOutput(output.global_step, loss, output.metrics)
+
+    def _trained_until(self, checkpoint):
+        """The run's training ended at `checkpoint` (a kill came after it): its weights and state, no step."""
+        self.load_trained_weights(checkpoint)
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        self.train_loss_sum = self.earlier_loss_sum
+        loss = self.train_loss_sum / max(self.state.global_step, 1)
+        metrics = {"train_loss": loss}
+        self.log(metrics)  # adds progress_or_epoch, as to the metrics of a run that trained
+        return TrainOutput(self.state.global_step, loss, metrics)
+
+    def load_trained_weights(self, directory):
+        """The weights saved in `directory` (a checkpoint or a final model, full or LoRA), on every process."""
+        self._load_from_checkpoint(directory)
+        if self.args.world_size > 1:  # PaddleNLP loads on data-parallel rank 0 only (training's wrap broadcasts)
+            sync_params_buffers(self.model, fuse_params=False)
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        # Overridden to see the running loss a checkpoint saved here must count in its record's loss sum.
+        self._unlogged_loss = tr_loss
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+
+    def run_record(self) -> dict:
+        """What a checkpoint (or a finished run) records: settings, planned steps, losses so far."""
+        loss_sum = self.train_loss_sum
+        if loss_sum is None:  # during training
+            unlogged = float(self._unlogged_loss) if self._unlogged_loss is not None else 0.0
+            loss_sum = self.earlier_loss_sum + self._total_loss_scalar + unlogged
+        return {
+            "settings": self.run_settings.to_json() if self.run_settings else None,
+            "steps_per_epoch": self.steps_per_epoch(),
+            "total_steps": self.state.max_steps,
+            "global_step": self.state.global_step,
+            "train_loss_sum": loss_sum,
+        }
+
+    def save_metrics(self, split, metrics, combined=True):
+        # Overridden: PaddleNLP writes *_results.json in place, so a kill mid-write tore them.
+        if not self.is_world_process_zero():
+            return
+        write_json_atomic(os.path.join(self.args.output_dir, f"{split}_results.json"), metrics, indent=4, sort_keys=True)
+        if combined:
+            path = os.path.join(self.args.output_dir, "all_results.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    everything = json.load(f)
+            except (OSError, ValueError):
+                everything = {}
+            write_json_atomic(path, dict(everything, **metrics), indent=4, sort_keys=True)
+
+    def save_state(self):
+        # Overridden: PaddleNLP writes trainer_state.json in place (see save_metrics).
+        if self.is_world_process_zero():
+            write_json_atomic(os.path.join(self.args.output_dir, TRAINER_STATE), dataclasses.asdict(self.state),
+                              indent=2, sort_keys=True)
 
     def check_finite_weights(self):
         for name, param in self.model.named_parameters():
@@ -143,6 +236,7 @@ class GLMTrainer(Trainer):
                 self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         if self.args.should_save:
             paddle.save(self.args, os.path.join(staged, "training_args.bin"))  # with the real output_dir
+            write_json_atomic(os.path.join(staged, RECORD_FILE), self.run_record())
             publish_checkpoint(staged, final)
             # PaddleNLP rotates only when local_rank == 0 (never in a single process), and here it
             # would rotate inside .staging.

@@ -21,6 +21,7 @@ from ..jsonl import find_split_file
 from ..modeling import GLMForMultipleChoice
 from ..training.arguments import DatasetArguments, resolve_amp
 from ..training.driver import last_checkpoint_to_resume, load_for_training, train_and_evaluate
+from ..training.run_record import data_fingerprint, model_fingerprint, run_settings
 from ..training.trainer import GLMTrainer
 from .multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 
@@ -80,8 +81,17 @@ def load_split(data_args, split, builder):
 def finetune_cloze(model_args, data_args, training_args, callbacks=(), task_recipe: Optional[str] = None):
     """Load, build the rows, train and evaluate (glm.training.driver.train_and_evaluate); `task_recipe` is
     the task's embedded default recipe, suggested when a length does not fit the model."""
+    if model_args.label_smoothing:
+        # THUDM's cloze finetuning (finetune_glm.py) takes the plain cross-entropy over the choice
+        # scores; smoothing there would be a regulariser with nothing to check it against.
+        raise UserError(f"--label_smoothing {model_args.label_smoothing}: it applies to generation's token loss "
+                        "(finetune_generation.py); the choice loss is THUDM's plain cross-entropy, so leave it at 0")
     dtype = resolve_amp(training_args)
-    checkpoint = last_checkpoint_to_resume(training_args)
+    resume = last_checkpoint_to_resume(training_args, run_settings(
+        (model_args, data_args, training_args),
+        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
+                "dataset_name_or_path": data_fingerprint(data_args.dataset_name_or_path)},
+    ))
     set_seed(training_args.seed)
     model, tokenizer = load_for_training(
         model_args, dtype, {"src_length": data_args.src_length}, model_class=GLMForMultipleChoice,
@@ -114,6 +124,6 @@ def finetune_cloze(model_args, data_args, training_args, callbacks=(), task_reci
         lr_decay_ratio=model_args.lr_decay_ratio,
     )
     train_and_evaluate(
-        trainer, checkpoint, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training
+        trainer, resume, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training
     )
     return trainer

@@ -9,18 +9,21 @@ line `FILE:LINE: what is wrong` (a DataError), or with `skip_bad_rows` is droppe
 """
 
 import math
+import re
+import unicodedata
 from typing import Callable, List, Optional
 
 import paddle
 from paddlenlp.utils.log import logger
 
 from ..errors import DataError
-from ..inputs import MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
+from ..inputs import MASK_TOKENS, MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
 from ..jsonl import read_json_lines
 
 __all__ = ["read_choice_rows", "build_choice_examples", "score_examples", "choice_metrics", "prediction_rows"]
 
 CONTEXT, CHOICES, LABEL = "inputs_pretokenized", "choices_pretokenized", "label"
+BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 
 
 def read_choice_rows(path: str, need_label: bool = True, skip_bad_rows: bool = False) -> List[dict]:
@@ -34,6 +37,15 @@ def read_choice_rows(path: str, need_label: bool = True, skip_bad_rows: bool = F
         for number, choice in enumerate(choices):
             if not isinstance(choice, str) or not choice.strip():
                 raise DataError(f"{where}: choice {number} must be a non-empty string")
+        # As the tokenizer reads them (NFKC): two equal choices tie, and float noise picks the winner.
+        seen = {}
+        for number, choice in enumerate(choices):
+            first = seen.setdefault(unicodedata.normalize("NFKC", choice).strip(), number)
+            if first != number:
+                raise DataError(f"{where}: choices {first} and {number} are the same ({choice!r}); each must differ")
+        blanks = BLANK.findall(context)
+        if len(blanks) > 1:
+            raise DataError(f"{where}: {CONTEXT!r} holds {len(blanks)} blanks ({', '.join(blanks)}); a choice fills one")
         if LABEL in row or need_label:
             label = row.get(LABEL)
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
