@@ -74,6 +74,20 @@ def test_a_run_learns_and_reports_the_held_out_loss_per_objective(trained):
     assert settings["objective"]["seq_length"] == 64 and settings["corpus"]["documents"] == 300
 
 
+def test_a_rerun_with_another_objective_or_corpus_is_refused_naming_it(trained, micro_model, corpora, capsys, tmp_path):  # noqa: F811
+    """The objective's flags and the corpus's content are part of the run's record (run_record.py)."""
+    _, output = trained
+    flags = ("--do_train", "--do_eval", "--max_steps", "24", "--evaluation_strategy", "steps", "--eval_steps", "12",
+             "--eval_before_training", "true", "--save_steps", "1000")
+    other = prepared_elsewhere(tmp_path, "other", "这款上衣很有看点,长袖设计方便活动,秋季穿搭正合适。\n" * 30)
+    for change, named in ((["--bert_prob", "0.5"], "--bert_prob 0.4 → 0.5"), (["--corpus_dir", other], "--corpus_dir")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(micro_model, corpora, output, *flags, *change)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "holds a finished run with other settings" in error and named in error, error
+
+
 @pytest.mark.parametrize("task, data", [("lm", "text"), ("lambada", "words")])
 def test_evaluate_takes_the_checkpoint_as_it_is(trained, tmp_path, task, data):
     _, output = trained
