@@ -31,13 +31,14 @@ from glm.errors import DataError, UserError, exit_on_user_error, on_interrupt
 from glm.files import atomic_file, crash_point
 from glm.prediction import (
     GENERATION_SETTINGS,
+    CheckpointArguments,
     GenerationArguments,
     Predictor,
-    apply_checkpoint_settings,
-    describe_decoding,
+    load_predictor,
+    resolve_settings,
 )
 from glm.resumable_output import files_signature, resumable_rows
-from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say, shown
+from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say
 from glm.training.crash_safety import acquire_file_lock, release_lock
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -45,40 +46,16 @@ DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the emb
 
 
 @dataclass
-class PredictArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": f"GLM checkpoint directory or PaddleNLP name (default: {shown(DEFAULT_MODEL)}, the "
-                          "embedded default once `python finetune_generation.py` has trained it)."},
-    )
-    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
-    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
+class PredictArguments(CheckpointArguments):
     data_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines input (default: prompts from stdin)."})
     output_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines output (default: stdout)."})
     overwrite_output: bool = field(
         default=False, metadata={"help": "Start afresh instead of resuming an OUTPUT.partial made from other inputs."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sources decoded together."})
-    src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
-    tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
-    mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
     src_key: Optional[str] = field(default=None, metadata={"help": "Source field (default: auto-detected)."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count bad rows instead of stopping."})
-    dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
     seed: Optional[int] = field(default=None, metadata={"help": "Seed of sampling."})
-
-
-def load_predictor(args: PredictArguments, generation_args: GenerationArguments) -> Predictor:
-    path = args.model_name_or_path or DEFAULT_MODEL
-    if args.model_name_or_path is None and not os.path.isdir(path):
-        raise UserError(
-            f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
-            "run `python finetune_generation.py` first"
-        )
-    return Predictor(
-        path, generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
-        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
-    )
 
 
 def check_output_file(path: str):
@@ -96,7 +73,7 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
     """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
     with open(args.data_file, "rb") as f:
         data_sha256 = hashlib.sha256(f.read()).hexdigest()
-    model = args.model_name_or_path or DEFAULT_MODEL
+    model = args.model_path(DEFAULT_MODEL)
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_file", "overwrite_output", "batch_size", "force")}
     fingerprint = {
         "data_file_sha256": data_sha256,
@@ -190,11 +167,7 @@ def parse_arguments(argv):
         args, generation_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:
         raise UserError(str(error).splitlines()[0]) from None
-    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    settings_file = apply_checkpoint_settings(args.model_name_or_path or DEFAULT_MODEL, given, args, generation_args)
-    source = shown(settings_file) if settings_file else "built-in defaults"
-    say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
-        f"(flags given, then {source})")
+    resolve_settings(argv, args, generation_args, DEFAULT_MODEL)
     return args, generation_args
 
 
@@ -211,7 +184,7 @@ def main(argv=None):
             if not os.path.isfile(args.data_file):
                 raise DataError(f"{args.data_file}: no such file")
             fingerprint = output_fingerprint(args, generation_args)
-        predictor = load_predictor(args, generation_args)
+        predictor = load_predictor(args, generation_args, DEFAULT_MODEL, args.seed, args.batch_size)
         if args.data_file:
             predict_file(predictor, args, fingerprint)
         else:

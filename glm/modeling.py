@@ -14,6 +14,7 @@ unchanged. Differences from PaddleNLP, all deliberate:
 import math
 from typing import List, Optional, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -32,7 +33,10 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache"]
+__all__ = [
+    "GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias", "DecodingCache",
+    "DecodingCacheGroup", "PooledDecodingCache",
+]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -76,6 +80,62 @@ class DecodingCache:
         """Drops finished sources: keeps memory `sources` and their generated `rows`."""
         self.keys, self.values = paddle.index_select(self.keys, sources), paddle.index_select(self.values, sources)
         self.reorder(rows)
+
+
+class PooledDecodingCache:
+    """Several sources' DecodingCaches of one layer, of equal capacity, stepped as one batch of rows: their
+    attention is one set of operations for all rows instead of one per source (with a small model, the
+    per-source operations, not the weight matmuls, dominate a step of many sources).
+
+    memory [R, heads, M_max, head_dim]: each row's source memory, padded to the longest (`stack_memory`,
+    rebuilt only when the sources change); the generated keys and values of all rows are the sources'
+    buffers concatenated for the step and split back into them after it, so each DecodingCache stays the
+    one its search reorders. Its 4-D mask is [R, 1, 1, M_max + capacity]: a row sees its own memory
+    length, then its generated positions (`mask`)."""
+
+    def __init__(self, caches: List[DecodingCache], memory: LayerCache):
+        self.caches, (self.memory_keys, self.memory_values) = caches, memory
+        self.rows = [cache.own_keys.shape[0] for cache in caches]
+        self.capacity = caches[0].own_keys.shape[2]
+
+    @staticmethod
+    def stack_memory(caches: List[DecodingCache]) -> LayerCache:
+        longest = max(cache.keys.shape[2] for cache in caches)
+
+        def rows(tensor, cache):  # [1, heads, M, d] -> [rows, heads, longest, d]
+            padded = F.pad(tensor, [0, 0, 0, longest - tensor.shape[2]], data_format="NCHW")
+            return padded.expand([cache.own_keys.shape[0]] + padded.shape[1:])
+
+        return (paddle.concat([rows(cache.keys, cache) for cache in caches]),
+                paddle.concat([rows(cache.values, cache) for cache in caches]))  # fmt: skip
+
+    def mask(self):
+        """[R, 1, 1, M_max + capacity] bool: a row's memory, then its generated keys including this step's."""
+        memory = self.memory_keys.shape[2]
+        keys = np.arange(memory + self.capacity)
+        lengths = np.repeat([cache.keys.shape[2] for cache in self.caches], self.rows)
+        generated = np.repeat([cache.length for cache in self.caches], self.rows)
+        allowed = (keys < lengths[:, None]) | ((keys >= memory) & (keys <= memory + generated[:, None]))
+        return allowed[:, None, None]
+
+    @property
+    def memory_length(self) -> int:  # the mask spans M_max + capacity keys
+        return self.memory_keys.shape[2] + self.capacity - 1
+
+
+class DecodingCacheGroup:
+    """Several sources' caches of one layer (different memory lengths, beam widths and generated counts)
+    stepped by one forward (glm/serving's continuous batching): their rows are concatenated, in order, for
+    every weight matmul; attention runs per part, a DecodingCache over its own keys, a PooledDecodingCache
+    for all its rows at once. The 4-D mask spans the widest part's keys; each part reads its own leading
+    columns of its rows."""
+
+    def __init__(self, caches: List[DecodingCache]):
+        self.caches = caches
+
+    @property
+    def memory_length(self) -> int:
+        return max(cache.memory_length for cache in self.caches)
 
 
 def attention_bias(attention_mask, batch_size: int, query_length: int, memory_length: int = 0):
@@ -133,6 +193,17 @@ class GLMAttention(nn.Layer):
             context = self._decoding_attention(query, key, value, bias, cache)
             context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
             return self.output_dropout(self.dense(context)), cache
+        if isinstance(cache, DecodingCacheGroup):
+            contexts, start = [], 0
+            for part in cache.caches:
+                pooled = isinstance(part, PooledDecodingCache)
+                end = start + (sum(part.rows) if pooled else part.keys.shape[0] * part.beams)
+                attend = self._pooled_attention if pooled else self._decoding_attention
+                parts = query[start:end], key[start:end], value[start:end], bias[start:end, :, :, : part.memory_length + 1]
+                contexts.append(attend(*parts, part))
+                start = end
+            context = paddle.concat(contexts).transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])
+            return self.output_dropout(self.dense(context)), cache
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
             value = paddle.concat([cache[1], value], axis=2)
@@ -174,6 +245,26 @@ class GLMAttention(nn.Layer):
         probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)  # decoding runs in eval mode: no dropout
         memory_context = paddle.matmul(_by_source(probs[:, :, :, :memory], beams), cache.values)  # [B, heads, beams, d]
         return _by_row(memory_context) + paddle.matmul(probs[:, :, :, memory:], own_values)  # [R, heads, 1, d]
+
+    def _pooled_attention(self, query, key, value, bias, cache: PooledDecodingCache):
+        """`_decoding_attention` for all rows of a PooledDecodingCache at once: the same scores, one softmax
+        over each row's memory and generated keys (the padding is masked)."""
+        lengths = [part.length for part in cache.caches]
+        # paddle.assign, not to_tensor: Paddle 3.3's to_tensor leaks a small list per call (never freed)
+        at = paddle.assign(np.repeat(lengths, cache.rows).astype("int64")).reshape([-1, 1, 1, 1]).expand(key.shape)
+        own_keys = paddle.put_along_axis(paddle.concat([part.own_keys for part in cache.caches]), at, key, axis=2)
+        own_values = paddle.put_along_axis(paddle.concat([part.own_values for part in cache.caches]), at, value, axis=2)
+        query = query * (1.0 / (math.sqrt(self.head_dim) * self.attention_scale))
+        memory = cache.memory_keys.shape[2]
+        scores = paddle.concat([paddle.matmul(query, cache.memory_keys, transpose_y=True),
+                                paddle.matmul(query, own_keys, transpose_y=True)], axis=-1).astype("float32")  # fmt: skip
+        if self.attention_scale != 1.0:
+            scores = scores * self.attention_scale
+        probs = F.softmax(scores + bias, axis=-1).astype(value.dtype)
+        context = paddle.matmul(probs[:, :, :, :memory], cache.memory_values) + paddle.matmul(probs[:, :, :, memory:], own_values)
+        for part, part_keys, part_values in zip(cache.caches, paddle.split(own_keys, cache.rows), paddle.split(own_values, cache.rows)):
+            part.own_keys, part.own_values, part.length = part_keys, part_values, part.length + 1
+        return context
 
     def _fused_attention(self, query, key, value, bias):
         # scaled_dot_product_attention takes [B, seq, heads, head_dim] and a mask in the compute dtype.
@@ -314,7 +405,9 @@ def _check_runs_here(tensor):
 
 
 def _memory_length(layer_cache) -> int:
-    return layer_cache.memory_length if isinstance(layer_cache, DecodingCache) else layer_cache[0].shape[2]
+    if isinstance(layer_cache, (DecodingCache, DecodingCacheGroup, PooledDecodingCache)):
+        return layer_cache.memory_length
+    return layer_cache[0].shape[2]
 
 
 @register_base_model

@@ -16,8 +16,12 @@ from .generation import GenerationConfig, GLMGenerator, default_banned_ids, gene
 from .inputs import MASK_TOKENS, GLMInputBuilder
 from .loading import load_model_and_tokenizer
 from .lora import load_lora
+from .training.console import say, shown
 
-__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding", "Predictor"]
+__all__ = [
+    "GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding", "Predictor",
+    "CheckpointArguments", "resolve_settings", "load_predictor",
+]  # fmt: skip
 
 BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 
@@ -135,3 +139,48 @@ class Predictor:
         if self.config.num_return_sequences > 1:
             fields["predictions"] = blanks[0] if len(blanks) == 1 else blanks
         return fields
+
+
+@dataclass
+class CheckpointArguments:
+    """The flags that load a checkpoint to answer with: predict_generation.py's, which server.py shares.
+    Without --model_name_or_path the script's embedded default is used (`model_path`)."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "GLM checkpoint directory or PaddleNLP name (default: checkpoints/glm-tiny-chinese, the "
+                          "embedded default once `python finetune_generation.py` has trained it, in the checkout)."},
+    )
+    lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
+    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
+    src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
+    tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
+    mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
+    dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
+
+    def model_path(self, default_model: str) -> str:
+        return self.model_name_or_path or default_model
+
+
+def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args: GenerationArguments, default_model: str):
+    """Flags not in `argv` from the checkpoint's generation_settings.json; one line says what applies."""
+    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    settings_file = apply_checkpoint_settings(args.model_path(default_model), given, args, generation_args)
+    source = shown(settings_file) if settings_file else "built-in defaults"
+    say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
+        f"(flags given, then {source})")
+
+
+def load_predictor(args: CheckpointArguments, generation_args: GenerationArguments, default_model: str,
+                   seed: Optional[int] = None, batch_size: int = 8) -> Predictor:
+    """The Predictor of `args`' checkpoint; the embedded default `default_model` must have been trained."""
+    path = args.model_path(default_model)
+    if args.model_name_or_path is None and not os.path.isdir(path):
+        raise UserError(
+            f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
+            "run `python finetune_generation.py` first"
+        )
+    return Predictor(
+        path, generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
+        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
+    )

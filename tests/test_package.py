@@ -104,3 +104,9 @@ def test_the_installed_package_finetunes_scores_and_evaluates_outside_the_checko
     assert summary["lm"]["tokens"] > 0 and 1 < summary["lm"]["perplexity"] < 2 * 576  # vocab 576: near uniform
     assert (work / "out" / "checkpoint-2").is_dir() and (work / "out" / "model_state.pdparams").exists()
     assert set(TOKENIZER_FILES) <= set(os.listdir(work / "out"))
+
+
+def test_the_installed_package_ships_the_servers_page(installed_package):
+    """server.py's page is package data: `pip install .` must carry it (pyproject's package-data)."""
+    page = installed_package / "glm" / "serving" / "static" / "index.html"
+    assert page.is_file() and "/fill" in page.read_text(encoding="utf-8")

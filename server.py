@@ -1,0 +1,114 @@
+"""Serve a GLM checkpoint over HTTP: OpenAI's /v1/completions, GLM's /fill and /score, a page at /.
+
+    python server.py --model_name_or_path CKPT [--lora_path A] [--host 127.0.0.1] [--port 8000]
+
+Loading, adapter verification and the decoding defaults are predict_generation.py's (its flags; those not
+given from the checkpoint's generation_settings.json, then the built-ins); a request's own settings go
+on top. Requests are batched as they arrive (glm/serving/engine.py). SIGTERM or Ctrl-C: new connections
+are refused, requests in flight finish within --drain_seconds, exit 0.
+"""
+
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
+import uvicorn
+from paddlenlp.trainer import PdArgumentParser
+
+from glm.errors import UserError, exit_on_user_error
+from glm.prediction import GENERATION_SETTINGS, CheckpointArguments, GenerationArguments, load_predictor, resolve_settings
+from glm.serving.app import ServeOptions, create_app
+from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say
+
+API_KEY_VARIABLE = "GLM_API_KEY"
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "glm-tiny-chinese")
+
+
+@dataclass
+class ServeArguments:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on (0: any free port, printed)."})
+    api_key: Optional[str] = field(
+        default=None, metadata={"help": f"Require 'Authorization: Bearer KEY' on all but /health (or ${API_KEY_VARIABLE})."}
+    )
+    served_model_name: Optional[str] = field(default=None, metadata={"help": "The model's name in the API (default: the directory's name)."})
+    drain_seconds: float = field(default=30.0, metadata={"help": "On SIGTERM/SIGINT, time for requests in flight to finish."})
+    request_timeout: float = field(default=300.0, metadata={"help": "Seconds a request may take, queued or decoding (then 504)."})
+    max_queue: int = field(default=64, metadata={"help": "Requests waiting to join the batch; more are refused with 503 + Retry-After."})
+    max_batch_rows: int = field(default=64, metadata={"help": "Rows decoded together (beams or answer copies, summed)."})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (then 413)."})
+
+
+def parse_arguments(argv):
+    configure_logging(argv)
+    parser = PdArgumentParser(
+        (CheckpointArguments, GenerationArguments, ServeArguments, ConsoleArguments),
+        formatter_class=HelpFormatter,
+        description=f"Decoding flags are the server's defaults; a request's own settings override them. Flags not "
+        f"given come from the checkpoint's {GENERATION_SETTINGS}, then from the defaults below.",
+    )
+    try:
+        model_args, generation_args, serve_args, console_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    resolve_settings(argv, model_args, generation_args, DEFAULT_MODEL)
+    serve_args.api_key = serve_args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    for name in ("max_queue", "max_batch_rows", "max_body_bytes"):
+        if getattr(serve_args, name) < 1:
+            raise UserError(f"--{name} must be at least 1; got {getattr(serve_args, name)}")
+    if serve_args.drain_seconds < 0 or serve_args.request_timeout <= 0:
+        raise UserError("--drain_seconds must not be negative and --request_timeout must be positive")
+    return model_args, generation_args, serve_args, console_args
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound here, so a taken port is one line, not uvicorn's traceback; uvicorn serves on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.listen(2048)  # from here a client's connection waits in the backlog while the app starts
+    return sock
+
+
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+        self.config.app.state.stop_accepting()  # /ready says 503 at once; keep-alive requests get 503
+        super().handle_exit(sig, frame)
+
+
+def main(argv=None):
+    with exit_on_user_error():
+        model_args, generation_args, serve_args, console_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+        predictor = load_predictor(model_args, generation_args, DEFAULT_MODEL, batch_size=1)
+        path = model_args.model_path(DEFAULT_MODEL)
+        options = ServeOptions(
+            model_name=serve_args.served_model_name or os.path.basename(os.path.normpath(path)),
+            api_key=serve_args.api_key, max_body_bytes=serve_args.max_body_bytes, max_queue=serve_args.max_queue,
+            max_rows=serve_args.max_batch_rows, request_timeout=serve_args.request_timeout,
+        )  # fmt: skip
+        sock = listening_socket(serve_args.host, serve_args.port)
+    app = create_app(predictor, generation_args, options)
+    config = uvicorn.Config(app, log_level=console_args.log_level, access_log=console_args.log_level in ("debug", "info"),
+                            timeout_graceful_shutdown=serve_args.drain_seconds)  # fmt: skip
+    host, port = sock.getsockname()[:2]
+    say(f"serving {options.model_name} on http://{host if ':' not in host else f'[{host}]'}:{port}"
+        + (" (API key required)" if options.api_key else ""))
+    # uvicorn re-raises the signal it stopped on once it has drained; with these handlers that is a no-op,
+    # so a drained shutdown exits 0.
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, lambda *_: None)
+    _Server(config).run(sockets=[sock])
+    say("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""server.py as a user runs it: a process on 127.0.0.1 that serves, drains on SIGTERM and exits 0; its
+mistakes in one line."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from conftest import ROOT
+from test_finetune import micro_model, micro_weights_model  # noqa: F401  (fixtures)
+
+import server
+
+
+def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits_0(micro_weights_model):  # noqa: F811
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "server.py"), "--model_name_or_path", micro_weights_model, "--port", "0",
+         "--src_length", "40", "--tgt_length", "120", "--drain_seconds", "60"],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        for line in process.stderr:
+            if line.startswith("serving "):
+                url = line.split(" on ")[1].split()[0]
+                break
+        assert url.startswith("http://127.0.0.1:")
+        body = {"prompt": "类型#裙", "max_tokens": 120, "min_tgt_length": 120, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        chunks = [json.loads(line[6:]) for line in [first] + rest[:-1]]
+        assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert process.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_name_or_path", "{tmp}/none"], "no such model directory"),
+        (["--lora_path", "{tmp}"], "no lora_config.json"),  # adapters are verified as predict verifies them
+        (["--max_queue", "0"], "--max_queue must be at least 1"),
+        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
+        (["--decode_strategy", "beam"], "decode_strategy must be one of"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(micro_weights_model, tmp_path, capsys, flags, message):  # noqa: F811
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        flags = [flag.format(tmp=tmp_path, busy=port) for flag in flags]
+        with pytest.raises(SystemExit) as exit_info:
+            server.main(["--model_name_or_path", micro_weights_model, "--src_length", "40", "--tgt_length", "12", "--min_tgt_length", "2", *flags])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message.format(busy=port) in errors[0]
