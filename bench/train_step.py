@@ -36,31 +36,40 @@ def time_steps(step, steps):
     return (time.perf_counter() - start) / steps
 
 
+def twin_models(config):
+    """Ours and PaddleNLP's GLM with identical weights, in training mode (config without output_predict)."""
+    paddle.seed(0)
+    ours = glm.GLMForConditionalGeneration(glm.GLMConfig(**config, output_predict=True))
+    theirs = paddlenlp_model(config)
+    theirs.set_state_dict(ours.state_dict())
+    ours.train()
+    theirs.train()
+    return ours, theirs
+
+
+def interleaved_seconds(ours_step, theirs_step, steps):
+    """Seconds per step of each, after a warm-up (kernels, allocator, optimizer state), the two interleaved
+    so that drift in machine load hits both alike."""
+    for step in (ours_step, theirs_step):
+        step()
+    ours_times, theirs_times = [], []
+    for _ in range(steps):
+        ours_times.append(time_steps(ours_step, 1))
+        theirs_times.append(time_steps(theirs_step, 1))
+    return sum(ours_times) / steps, sum(theirs_times) / steps
+
+
 def bench(name, shape, steps, num_layers=None):
     shape = dict(shape)
     seq, batch = shape.pop("seq"), shape.pop("batch")
     if num_layers:
         shape["num_layers"] = num_layers
-    shape["max_sequence_length"] = 1024
-    paddle.seed(0)
-    ours = glm.GLMForConditionalGeneration(glm.GLMConfig(**shape, output_predict=True))
-    theirs = paddlenlp_model(shape)
-    theirs.set_state_dict(ours.state_dict())
-    ours.train()
-    theirs.train()
+    ours, theirs = twin_models(dict(shape, max_sequence_length=1024))
     inputs, sep, mask_4d = training_batch(batch, seq, shape["vocab_size"])
-    ours_step = training_step(ours, dict(inputs, attention_mask=sep))
-    theirs_step = training_step(theirs, dict(inputs, attention_mask=mask_4d))
-    for step in (ours_step, theirs_step):  # warm-up: kernels, allocator, optimizer state
-        step()
-    # Interleave the two so drift in machine load hits both alike.
-    ours_times, theirs_times = [], []
-    for _ in range(steps):
-        ours_times.append(time_steps(ours_step, 1))
-        theirs_times.append(time_steps(theirs_step, 1))
+    ours_seconds, theirs_seconds = interleaved_seconds(
+        training_step(ours, dict(inputs, attention_mask=sep)), training_step(theirs, dict(inputs, attention_mask=mask_4d)), steps)
     tokens = batch * seq
-    ours_tps = tokens / (sum(ours_times) / steps)
-    theirs_tps = tokens / (sum(theirs_times) / steps)
+    ours_tps, theirs_tps = tokens / ours_seconds, tokens / theirs_seconds
     print(
         f"{name:6s} layers={shape['num_layers']} hidden={shape['hidden_size']} vocab={shape['vocab_size']} "
         f"batch={batch} seq={seq}: ours {ours_tps:8.1f} tok/s   PaddleNLP {theirs_tps:8.1f} tok/s   "

@@ -14,7 +14,7 @@ from paddlenlp.utils.log import logger
 
 from .errors import DataError
 
-__all__ = ["find_split_file", "read_json_lines"]
+__all__ = ["find_split_file", "read_json_lines", "decode_line", "parse_json_line"]
 
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -79,14 +79,20 @@ def _entries(data: bytes, name: str):
             return
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if raw.strip():
-            yield f"{name}:{number}", lambda raw=raw, where=f"{name}:{number}": _parse_line(raw, where)
+            yield f"{name}:{number}", lambda raw=raw, where=f"{name}:{number}": parse_json_line(raw, where)
 
 
-def _parse_line(raw: bytes, where: str):
+def decode_line(raw: bytes, where: str) -> str:
+    """A line's text; a DataError `WHERE: not UTF-8 (byte 0x.. at column N)` otherwise."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise DataError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
+
+
+def parse_json_line(raw: bytes, where: str):
+    """One JSON Lines line's value; a DataError naming `where` (FILE:LINE) when it is not UTF-8 or not JSON."""
+    text = decode_line(raw, where)
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
