@@ -3,14 +3,17 @@ the documents are the tokenizer's ids, the same input gives the same bytes, bad 
 windows follow THUDM's BlockDataset."""
 
 import json
+import multiprocessing
 import os
+import signal
 
 import numpy as np
 import pytest
 from conftest import ROOT, shared_path
 
-from glm.errors import DataError
-from glm.pretraining.corpus import CORPUS_FILE, INDEX_FILE, TOKENS_FILE, open_corpus, prepare_corpus, read_documents
+from glm.errors import DataError, exit_on_user_error
+from glm.pretraining.corpus import (CORPUS_FILE, INDEX_FILE, TOKENS_FILE, _start_worker, open_corpus, prepare_corpus,
+                                    read_documents, sentencepiece_model)
 from glm.pretraining.objective import sentence_end_table
 from glm.pretraining.windows import WindowSampler
 from glm.tokenization import load_tokenizer, special_token_ids
@@ -160,3 +163,18 @@ def test_long_documents_are_drawn_uniformly_and_entered_at_a_sentence_start(toke
         assert any(start == 0 or ends[documents[d][start - 1]] for d, start in starts)
         drawn[document] += 1
     assert drawn[0] / 1000 == pytest.approx(0.5, abs=0.05)
+
+
+def signal_dispositions():
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def test_a_worker_ends_at_sigterm_whatever_handler_its_parent_set(tokenizer):
+    """Preparation's forked workers drop the parent's SIGTERM handler (exit_on_user_error's raises): with it,
+    Pool.terminate after bad input could wait forever for a worker (it hung CI once)."""
+    proto = sentencepiece_model(tokenizer).serialized_model_proto()
+    with exit_on_user_error():  # what the tool and the driver run under
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1, initializer=_start_worker, initargs=(proto, os.getpid())) as pool:
+            assert pool.apply(signal_dispositions) == (signal.SIG_DFL, signal.SIG_IGN)

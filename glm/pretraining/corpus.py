@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from array import array
@@ -149,7 +150,14 @@ def _start_worker(model_proto: bytes, parent: Optional[int] = None):
     import sentencepiece
 
     _encoder = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
-    if parent is not None:  # a worker of a killed preparation leaves too (it would wait for tasks forever)
+    if parent is not None:
+        # A forked worker inherits the parent's Python handlers: exit_on_user_error's SIGTERM handler would
+        # raise in it, and Pool.terminate (bad input, an interrupt) then waited forever for a worker stuck
+        # reporting it (seen in CI: the traceback's write blocked on a lock held at the fork). The signal
+        # must just end it; Ctrl-C reaches the whole process group and is the parent's to handle.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # a worker of a killed preparation leaves too (it would wait for tasks forever)
         threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
 
