@@ -46,9 +46,9 @@ def main(argv=None, callbacks=()):
     with exit_on_user_error():
         model_args, corpus_args, objective_args, training_args = parse_pretraining_arguments(
             sys.argv[1:] if argv is None else argv)
-        prepare_on_demand(DEMO_CORPORA, "summary", model_args, corpus_args, training_args)
         trainer = pretrain(model_args, corpus_args, objective_args, training_args, callbacks=callbacks,
-                           task_recipe=DEFAULT_RECIPE)
+                           task_recipe=DEFAULT_RECIPE,
+                           prepare=lambda: prepare_on_demand(DEMO_CORPORA, "summary", model_args, corpus_args, training_args))
     return finish(trainer) if trainer is not None else None
 
 

@@ -157,6 +157,18 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(micro_model, corpora, 
         assert not output.exists(), flags
 
 
+def test_a_refused_run_prepares_no_default_corpus(tmp_path, monkeypatch, capsys):
+    """The embedded default's corpora are made on first use, but not for a run that is refused: bad flags,
+    or a named corpus that is not a prepared one (the default held-out corpus would have been made first)."""
+    monkeypatch.setattr(pretrain_glm, "DEMO_CORPORA", {str(tmp_path / "demo-train"): os.path.join(ROOT, "demo_data", "train.json"),
+                                                       str(tmp_path / "demo-dev"): os.path.join(ROOT, "demo_data", "dev.json")})
+    for flags in (["--corpus_dir", str(tmp_path / "nowhere")], ["--bert_ratio", "1.5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_glm.main([*flags, "--output_dir", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+        assert sorted(os.listdir(tmp_path)) == [], flags
+
+
 def cli(*args, crash_at=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop(CRASH_AT_VARIABLE, None)

@@ -103,8 +103,9 @@ class PretrainingTrainer(GLMTrainer):
                               metrics=metrics)
 
 
-def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(), task_recipe=None):
-    """The run (or, with --dump_examples, the examples it would draw); None when nothing was trained."""
+def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(), task_recipe=None, prepare=None):
+    """The run (or, with --dump_examples, the examples it would draw); None when nothing was trained.
+    `prepare()`, if given, makes corpora on demand (prepare_on_demand) once the flags are known to be good."""
     problem = objective_args.problem()
     if problem:
         raise UserError(problem)
@@ -117,6 +118,8 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
     if objective_args.seq_length > limit:
         raise UserError(f"--seq_length {objective_args.seq_length} exceeds the model's max_sequence_length {limit}: "
                         f"pass --seq_length {limit} or less")
+    if prepare is not None:
+        prepare()
     ids, sentence_end = special_token_ids(tokenizer), sentence_end_table(tokenizer)
     builder = BlankInfillingBuilder(objective_args, ids, sentence_end)
     corpus = checked_corpus(corpus_args.corpus_dir, tokenizer, model_args.model_name_or_path, objective_args.seq_length)
@@ -183,8 +186,16 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
 
 def prepare_on_demand(sources: Dict[str, str], text_key: str, model_args, corpus_args, training_args):
     """Corpora the run names that are built from a known file ({corpus dir: JSON Lines file}, the embedded
-    default's): prepared with the model's tokenizer on first use, and again when the file changed."""
-    wanted = [path for path in sources if path in (corpus_args.corpus_dir, corpus_args.eval_corpus_dir)]
+    default's): prepared with the model's tokenizer on first use, and again when the file changed. Nothing
+    is prepared when another corpus the run names is not a prepared one: the run refuses it next."""
+    named = [path for path in (corpus_args.corpus_dir, corpus_args.eval_corpus_dir) if path]
+    for path in named:
+        if path not in sources:
+            try:
+                open_corpus(path)
+            except DataError:
+                return
+    wanted = [path for path in sources if path in named]
     if wanted and training_args.process_index == 0:
         tokenizer = model_tokenizer(model_args.model_name_or_path)
         for path in wanted:
