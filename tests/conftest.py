@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,12 @@ import paddle  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+# A suite started in the background by a non-interactive shell (`(pytest &)`) inherits SIGINT ignored;
+# Python then installs no KeyboardInterrupt handler, here or in the scripts the tests run, and the Ctrl-C
+# tests (their processes send themselves SIGINT) saw nothing happen. The tests run as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def tiny_config_kwargs(**overrides):
