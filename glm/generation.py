@@ -243,7 +243,7 @@ class GLMGenerator:
         for blank in range(max(len(positions) for positions in blanks)):
             keep = [i for i, source in enumerate(active) if len(blanks[source]) > blank]
             if len(keep) < len(active):  # sources with no blank left drop out of the cache
-                index = paddle.to_tensor(keep)
+                index = _tensor(np.array(keep, dtype="int64"))
                 cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
                 memory_valid = memory_valid[keep]
                 active = [active[i] for i in keep]
@@ -458,9 +458,11 @@ class _DecodingRows:
 
 
 def _tensor(array):
-    """A NumPy array as a Paddle tensor. paddle.to_tensor spends ~0.3 ms in Python checks per call, as long
-    as a small decoding step's attention; the Tensor constructor copies the array straight in."""
-    return paddle.Tensor(np.ascontiguousarray(array))
+    """A NumPy array as a Paddle tensor, by paddle.assign: Paddle 3.3.1's paddle.to_tensor and the
+    paddle.Tensor constructor each leave one Python object behind per call (gc finds it without a
+    referrer), a few per decoding step, which a long-running server accumulates; assign leaves none
+    and costs ~10 us more per call."""
+    return paddle.assign(np.ascontiguousarray(array))
 
 
 def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,

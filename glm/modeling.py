@@ -95,7 +95,7 @@ class DecodingMask:
         bias[:, :memory] = np.where(np.repeat(memory_valid, beams, axis=0), 0.0, MASKED_SCORE)
         own_slot = np.full([rows, beams], MASKED_SCORE, dtype="float32")
         own_slot[np.arange(rows), np.arange(rows) % beams] = 0.0  # beam j writes slot j of each step
-        self.bias, self.own_slot = paddle.to_tensor(bias), paddle.to_tensor(own_slot)
+        self.bias, self.own_slot = paddle.assign(bias), paddle.assign(own_slot)  # to_tensor leaks (glm.generation._tensor)
         self.memory, self.beams, self.steps = memory, beams, 0
 
     def advance(self):
