@@ -35,7 +35,6 @@ def _without_paddle_thread_warning():
         real.write("".join(line for line in lines if not line.startswith(PADDLE_THREAD_WARNING)))
 
 
-
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> str:
     """The CPU description Linux gives, or "" where there is none (another OS, a sandbox hiding /proc)."""
     try:

@@ -33,7 +33,7 @@ import paddle
 from greenlet import greenlet
 from paddlenlp.utils.log import logger
 
-from ..generation import GenerationConfig, GLMGenerator, _DecodingRows
+from ..generation import GenerationConfig, GLMGenerator, _DecodingRows, rows_per_source
 from ..modeling import DecodingCache, DecodingCacheGroup, DecodingMaskGroup
 from ..packed_gemm import packed_transposed
 
@@ -86,8 +86,7 @@ class Source:
 
     @property
     def rows(self) -> int:
-        config = self.config
-        return config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
+        return rows_per_source(self.config)
 
     def cancel(self, reason: str):
         """Ends the source at its next step (from any thread)."""
