@@ -48,7 +48,8 @@ def main(argv=None, callbacks=()):
             sys.argv[1:] if argv is None else argv)
         trainer = pretrain(model_args, corpus_args, objective_args, training_args, callbacks=callbacks,
                            task_recipe=DEFAULT_RECIPE,
-                           prepare=lambda: prepare_on_demand(DEMO_CORPORA, "summary", model_args, corpus_args, training_args))
+                           prepare=lambda tokenizer: prepare_on_demand(DEMO_CORPORA, "summary", tokenizer, corpus_args,
+                                                                       training_args))
     return finish(trainer) if trainer is not None else None
 
 

@@ -352,6 +352,11 @@ class PretrainingCorpus:
         self.offsets = np.memmap(os.path.join(path, INDEX_FILE), dtype=np.int64, mode="r",
                                  shape=(self.num_documents + 1,))
 
+    @property
+    def window_tokens(self) -> int:
+        """The tokens windows are cut from: the documents, each with its [CLS] and <|endoftext|>."""
+        return self.num_tokens + 2 * self.num_documents
+
     def document(self, index: int) -> np.ndarray:
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
 

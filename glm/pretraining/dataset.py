@@ -29,8 +29,7 @@ class PretrainingDataset(Dataset):
     def __init__(self, windows: WindowSampler, length: int):
         super().__init__()
         self.windows, self.length = windows, length
-        corpus = windows.corpus
-        self.samples_per_epoch = math.ceil((corpus.num_tokens + 2 * corpus.num_documents) / windows.seq_length)
+        self.samples_per_epoch = math.ceil(windows.corpus.window_tokens / windows.seq_length)
 
     def __len__(self):
         return self.length

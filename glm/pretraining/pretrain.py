@@ -57,6 +57,12 @@ class CorpusArguments:
     dump_count: int = field(default=100, metadata={"help": "Examples written by --dump_examples."})
 
 
+def samples_per_step(training_args) -> int:
+    """Windows one optimizer step consumes over all processes."""
+    return (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * max(1, training_args.dataset_world_size))
+
+
 class PretrainingTrainer(GLMTrainer):
     """The shared GLM trainer reading the stream in order, and evaluating the held-out loss per objective."""
 
@@ -67,9 +73,7 @@ class PretrainingTrainer(GLMTrainer):
     def steps_per_epoch(self) -> int:
         # An epoch of pretraining is a pass of windows over the corpus; the stream itself is as long as
         # the run (max_steps is always set), which PaddleNLP's train takes for one epoch.
-        samples_per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                            * max(1, self.args.dataset_world_size))
-        return max(1, math.ceil(self.train_dataset.samples_per_epoch / samples_per_step))
+        return max(1, math.ceil(self.train_dataset.samples_per_epoch / samples_per_step(self.args)))
 
     def _get_train_sampler(self):
         # In order: a sample's index is its place in the stream, and a resumed run is started at the
@@ -105,7 +109,8 @@ class PretrainingTrainer(GLMTrainer):
 
 def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(), task_recipe=None, prepare=None):
     """The run (or, with --dump_examples, the examples it would draw); None when nothing was trained.
-    `prepare()`, if given, makes corpora on demand (prepare_on_demand) once the flags are known to be good."""
+    `prepare(tokenizer)`, if given, makes corpora on demand (prepare_on_demand) once the flags are known to be
+    good."""
     problem = objective_args.problem()
     if problem:
         raise UserError(problem)
@@ -119,7 +124,7 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
         raise UserError(f"--seq_length {objective_args.seq_length} exceeds the model's max_sequence_length {limit}: "
                         f"pass --seq_length {limit} or less")
     if prepare is not None:
-        prepare()
+        prepare(tokenizer)
     ids, sentence_end = special_token_ids(tokenizer), sentence_end_table(tokenizer)
     builder = BlankInfillingBuilder(objective_args, ids, sentence_end)
     corpus = checked_corpus(corpus_args.corpus_dir, tokenizer, model_args.model_name_or_path, objective_args.seq_length)
@@ -137,11 +142,10 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
                                      objective_args.seq_length)
         eval_windows = WindowSampler(eval_corpus, objective_args.seq_length, ids, sentence_end, training_args.seed)
         held_out = held_out_examples(eval_windows, builder, training_args.seed, corpus_args.eval_windows)
-    samples_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                        * max(1, training_args.dataset_world_size))
     if training_args.max_steps <= 0:  # an epoch is one pass of windows over the corpus
-        training_args.max_steps = math.ceil(training_args.num_train_epochs * stream.samples_per_epoch / samples_per_step)
-    stream.length = training_args.max_steps * samples_per_step
+        training_args.max_steps = math.ceil(training_args.num_train_epochs * stream.samples_per_epoch
+                                            / samples_per_step(training_args))
+    stream.length = training_args.max_steps * samples_per_step(training_args)
 
     dtype = resolve_amp(training_args)
     resume = last_checkpoint_to_resume(training_args, run_settings(
@@ -184,7 +188,7 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
     return trainer
 
 
-def prepare_on_demand(sources: Dict[str, str], text_key: str, model_args, corpus_args, training_args):
+def prepare_on_demand(sources: Dict[str, str], text_key: str, tokenizer, corpus_args, training_args):
     """Corpora the run names that are built from a known file ({corpus dir: JSON Lines file}, the embedded
     default's): prepared with the model's tokenizer on first use, and again when the file changed. Nothing
     is prepared when another corpus the run names is not a prepared one: the run refuses it next."""
@@ -197,7 +201,6 @@ def prepare_on_demand(sources: Dict[str, str], text_key: str, model_args, corpus
                 return
     wanted = [path for path in sources if path in named]
     if wanted and training_args.process_index == 0:
-        tokenizer = model_tokenizer(model_args.model_name_or_path)
         for path in wanted:
             if ensure_corpus(path, [sources[path]], tokenizer, text_key=text_key):
                 console.say(f"prepared {console.shown(path)} from {console.shown(sources[path])}")
@@ -217,10 +220,9 @@ def model_tokenizer(model_name_or_path: str):
 def checked_corpus(path: str, tokenizer, tokenizer_path: str, seq_length: int):
     corpus = open_corpus(path)
     corpus.check_tokenizer(tokenizer, tokenizer_path)
-    size = corpus.num_tokens + 2 * corpus.num_documents  # with each document's [CLS] and <|endoftext|>
-    if size < seq_length:
-        raise DataError(f"{path} holds {size} tokens (with [CLS] and <|endoftext|>), fewer than one window of "
-                        f"--seq_length {seq_length}")
+    if corpus.window_tokens < seq_length:
+        raise DataError(f"{path} holds {corpus.window_tokens} tokens (with [CLS] and <|endoftext|>), fewer than one "
+                        f"window of --seq_length {seq_length}")
     return corpus
 
 
