@@ -2,9 +2,9 @@
 
 `atomic_file` writes beside the target and renames onto it only when writing succeeded; files get the
 user's umask (mkstemp alone would make them 0600). `staged_directory` does the same for a whole output
-directory. `files_sha256` fingerprints big files once per version of them. `crash_point` stops the
-process at a named point when GLM_PADDLE_CRASH_AT asks for it (tests/test_faults.py): a deterministic
-kill, not a timed one.
+directory. `files_sha256` fingerprints big files once per version of them (`file_sha256`: one file,
+plainly). `crash_point` stops the process at a named point when GLM_PADDLE_CRASH_AT asks for it
+(tests/test_faults.py): a deterministic kill, not a timed one.
 """
 
 import contextlib
@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Optional, Sequence
 
 __all__ = [
     "atomic_file", "current_umask", "write_json_atomic", "write_jsonl_atomic", "staged_directory", "process_alive",
-    "files_sha256", "crash_point", "CRASH_AT_VARIABLE", "CRASH_SIGNAL_VARIABLE",
+    "file_sha256", "files_sha256", "crash_point", "CRASH_AT_VARIABLE", "CRASH_SIGNAL_VARIABLE",
 ]  # fmt: skip
 
 
@@ -93,6 +93,18 @@ def staged_directory(output_dir: str, report=print):
         raise
 
 
+def file_sha256(path: str) -> str:
+    """The plain SHA-256 of one file (what `sha256sum` prints), uncached."""
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_file(digest, path: str):
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest
+
+
 SHA256_CACHE = ".sha256-cache.json"
 SHA256_CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: no cache file for them
 
@@ -126,9 +138,7 @@ def files_sha256(directory: str, names: Sequence[str]) -> str:
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode())
-        with open(os.path.join(directory, name), "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
+        _hash_file(digest, os.path.join(directory, name))
     sha256 = digest.hexdigest()
     if cache:
         try:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from glm.errors import DataError
-from glm.files import crash_point
+from glm.files import crash_point, file_sha256
 from glm.jsonl import decode_line, parse_json_line
 
 __all__ = [
@@ -261,7 +261,7 @@ def _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_document
         "unk_tokens": unknown,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer)},
-        "inputs": [{"path": path, "bytes": os.path.getsize(path), "sha256": _file_sha256(path)} for path in paths],
+        "inputs": [{"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)} for path in paths],
         "text_key": text_key,
         "blank_line_documents": blank_line_documents,
     }  # fmt: skip
@@ -277,7 +277,7 @@ def ensure_corpus(path: str, inputs: Sequence[str], tokenizer, text_key: str = "
     these very input bytes with this tokenizer, else prepared afresh (returns True then)."""
     try:
         metadata = open_corpus(path).metadata
-        if ([source["sha256"] for source in metadata["inputs"]] == [_file_sha256(p) for p in inputs]
+        if ([source["sha256"] for source in metadata["inputs"]] == [file_sha256(p) for p in inputs]
                 and metadata["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tokenizer)
                 and metadata["text_key"] == text_key):
             return False
@@ -309,14 +309,6 @@ def _check_output(output_dir: str, overwrite: bool):
 def _flush(f):
     f.flush()
     os.fsync(f.fileno())
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _publish(staged: str, output_dir: str):
