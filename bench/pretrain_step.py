@@ -26,20 +26,13 @@ from pretraining_memory import prepare, tokenizer_dir  # noqa: E402
 from train_step import interleaved_seconds, twin_models  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.workloads import training_step  # noqa: E402
+from bench.workloads import sep_mask, training_step  # noqa: E402
 
 from glm.inputs import collate_examples  # noqa: E402
 from glm.pretraining.dataset import BatchCollator, PretrainingDataset  # noqa: E402
 from glm.pretraining.objective import OBJECTIVES, BlankInfillingBuilder, PretrainingArguments, sentence_end_table  # noqa: E402
 from glm.pretraining.windows import WindowSampler  # noqa: E402
 from glm.tokenization import load_tokenizer, special_token_ids  # noqa: E402
-
-
-def sep_mask(sep, length):
-    """[B, 1, L, L] 0/1: query i sees key j iff j < sep or j <= i (what the 1-D sep means)."""
-    keys = np.arange(length)[None, None, :]
-    queries = np.arange(length)[None, :, None]
-    return ((keys < sep[:, None, None]) | (keys <= queries)).astype("float32")[:, None]
 
 
 def main():

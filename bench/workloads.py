@@ -88,6 +88,14 @@ def paddlenlp_greedy(model, ids, sources, new_tokens):
     return run
 
 
+def sep_mask(sep: np.ndarray, length: int) -> np.ndarray:
+    """The 4-D 0/1 mask [B, 1, L, L] PaddleNLP is fed for GLM's 1-D `sep` (its own 1-D path is broken): query i
+    sees key j iff j < sep or j <= i."""
+    keys = np.arange(length)[None, None, :]
+    queries = np.arange(length)[None, :, None]
+    return ((keys < np.asarray(sep)[:, None, None]) | (keys <= queries)).astype("float32")[:, None]
+
+
 def training_batch(batch, seq, vocab_size):
     """A GLM generation example: a bidirectional source then a causal target carrying the loss (source 3/4 of
     the sequence, like src_length 608 / tgt_length 160). Returns (inputs, sep [B], 4-D 0/1 mask): PaddleNLP gets
@@ -102,8 +110,7 @@ def training_batch(batch, seq, vocab_size):
         ]
     ).unsqueeze(0).expand([batch, 2, seq])
     sep = paddle.full([batch], source_length, dtype="int64")
-    keys, queries = positions.reshape([1, 1, seq]), positions.reshape([1, seq, 1])
-    mask_4d = ((keys < source_length) | (keys <= queries)).astype("float32").unsqueeze(1).expand([batch, 1, seq, seq])
+    mask_4d = paddle.to_tensor(sep_mask(np.full(batch, source_length), seq))
     loss_mask = (positions >= source_length - 1).astype("float32").unsqueeze(0).expand([batch, seq])
     labels = paddle.randint(0, vocab_size, [batch, seq])
     return dict(input_ids=input_ids, position_ids=position_ids, labels=labels, loss_mask=loss_mask), sep, mask_4d
