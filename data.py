@@ -9,11 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from paddlenlp.utils.log import logger
-
 from glm.errors import DataError
 from glm.inputs import GLMExample, GLMInputBuilder
 from glm.jsonl import read_json_lines
+from paddlenlp.utils.log import logger
 
 __all__ = ["Dataset", "KNOWN_FIELD_PAIRS", "read_rows", "build_examples"]
 

@@ -20,18 +20,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.trainer import PdArgumentParser
-from tqdm import tqdm
-
 from glm import GLMForConditionalGeneration, GLMForMultipleChoice
-from glm.errors import DataError, UserError, exit_on_user_error
+from glm.bounds import COUNT, SEQ_LENGTH, SRC_LENGTH, Bound, check_flag
+from glm.cli.arguments import parse_flags
+from glm.cli.console import progress_bar
+from glm.cli.process import command
+from glm.errors import DataError, UserError
 from glm.files import write_json_atomic, write_jsonl_atomic
 from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
 from glm.loading import load_model_and_tokenizer
-from glm.lora import load_lora
 from glm.tokenization import special_token_ids
-from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging
 from glm.understanding.language_model import lambada_examples, lm_examples, lm_metrics, score_targets
 from glm.understanding.multiple_choice import (
     build_choice_examples,
@@ -42,6 +40,11 @@ from glm.understanding.multiple_choice import (
 )
 
 TASKS = ("multiple_choice", "lm", "lambada")
+DESCRIPTION = (
+    "Score a GLM checkpoint (and a LoRA adapter trained on it) on an understanding task, as THUDM's evaluation "
+    "does: multiple_choice (THUDM's rows: accuracy by each choice's summed log-probability), lm (perplexity over "
+    "windows of plain text) or lambada (last-word accuracy). Length flags default to the model's maximum."
+)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class EvaluateArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "GLM checkpoint directory (required)."})
     data_file: Optional[str] = field(default=None, metadata={"help": "The data to evaluate on (required)."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
+    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the results here as JSON."})
     predictions_file: Optional[str] = field(
         default=None, metadata={"help": "Per-row predictions, JSON Lines (default: OUTPUT.predictions.jsonl)."}
@@ -76,33 +80,31 @@ def check_arguments(args):
         raise UserError(f"{args.data_file}: no such file")
     if args.mask_token not in MASK_TOKENS:
         raise UserError(f"--mask_token must be one of {', '.join(MASK_TOKENS)}; got {args.mask_token}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")
+    check_flag("batch_size", args.batch_size, COUNT)
 
 
 def load(args):
+    """The model as the task scores with it, the adapter verified against its base (the one loader)."""
     model_class = GLMForMultipleChoice if args.task == "multiple_choice" else GLMForConditionalGeneration
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, model_class=model_class)
-    if args.lora_path:
-        if not os.path.exists(os.path.join(args.lora_path, "lora_config.json")):
-            raise UserError(f"{args.lora_path}: no lora_config.json (expected a LoRA adapter directory)")
-        model = load_lora(model, args.lora_path)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, model_class=model_class,
+                                                lora_path=args.lora_path, force=args.force)
     model.eval()
     return model, tokenizer
 
 
-def progress_bar(total, what):
-    return tqdm(total=total, desc=what, unit="row", file=sys.stderr)
+def model_length(name: str, value: Optional[int], bound: Bound, model) -> int:
+    """`value` of length flag `name`, the model's max_sequence_length when not given, checked."""
+    length = model.config.max_sequence_length if value is None else value
+    check_flag(name, length, bound, model_max=model.config.max_sequence_length)
+    return length
 
 
 def evaluate_multiple_choice(args, model, tokenizer):
-    src_length = model.config.max_sequence_length if args.src_length is None else args.src_length
-    if not 4 <= src_length <= model.config.max_sequence_length:
-        raise UserError(f"--src_length must be 4..{model.config.max_sequence_length} (the model's max); got {src_length}")
+    src_length = model_length("src_length", args.src_length, SRC_LENGTH, model)
     builder = MultipleChoiceBuilder(tokenizer, src_length)
     rows = read_choice_rows(args.data_file, skip_bad_rows=args.skip_bad_rows)
     examples = build_choice_examples(rows, builder, os.path.basename(args.data_file))
-    with progress_bar(len(examples), "scoring") as bar:
+    with progress_bar(len(examples), "scoring", "row") as bar:
         scores = score_examples(model, examples, args.batch_size, builder.ids.pad, progress=bar.update)
     metrics = choice_metrics(scores, [row["label"] for row in rows])
     return {"accuracy": metrics["accuracy"], "rows": len(rows)}, prediction_rows(rows, scores)
@@ -120,33 +122,26 @@ def read_lines(path):
     return lines
 
 
-def sequence_length(args, model):
-    seq_length = model.config.max_sequence_length if args.seq_length is None else args.seq_length
-    if not 3 <= seq_length <= model.config.max_sequence_length:
-        raise UserError(f"--seq_length must be 3..{model.config.max_sequence_length} (the model's max); got {seq_length}")
-    return seq_length
-
-
 def evaluate_lm(args, model, tokenizer):
-    seq_length = sequence_length(args, model)
-    if args.overlapping_eval is not None and not 1 <= args.overlapping_eval <= seq_length - 1:
-        raise UserError(f"--overlapping_eval must be 1..{seq_length - 1} (seq_length - 1); got {args.overlapping_eval}")
+    seq_length = model_length("seq_length", args.seq_length, SEQ_LENGTH, model)
+    if args.overlapping_eval is not None:
+        check_flag("overlapping_eval", args.overlapping_eval, COUNT, high=seq_length - 1, high_is="seq_length - 1")
     lines = (line for _, line in read_lines(args.data_file))
     examples = lm_examples(tokenizer, lines, seq_length, args.overlapping_eval, args.unidirectional, args.mask_token)
     if not examples:
         raise DataError(f"{args.data_file}: no line has two tokens to score")
-    with progress_bar(len(examples), "scoring windows") as bar:
+    with progress_bar(len(examples), "scoring windows", "window") as bar:
         results = score_targets(model, examples, args.batch_size, special_token_ids(tokenizer).pad, progress=bar.update)
     return dict(lm_metrics(results), windows=len(examples)), None
 
 
 def evaluate_lambada(args, model, tokenizer):
-    seq_length = sequence_length(args, model)
+    seq_length = model_length("seq_length", args.seq_length, SEQ_LENGTH, model)
     rows, examples = lambada_examples(
         tokenizer, read_lines(args.data_file), seq_length, os.path.basename(args.data_file), args.mask_token,
         args.word_separator,
     )
-    with progress_bar(len(examples), "scoring") as bar:
+    with progress_bar(len(examples), "scoring", "row") as bar:
         results = score_targets(model, examples, args.batch_size, special_token_ids(tokenizer).pad, progress=bar.update)
     correct = [hit for _, _, hit in results]
     metrics = {"accuracy": round(100.0 * sum(correct) / len(correct), 4), "rows": len(correct)}
@@ -170,14 +165,8 @@ def evaluate(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    with exit_on_user_error():
-        configure_logging(argv)
-        try:
-            args, _ = PdArgumentParser((EvaluateArguments, ConsoleArguments), formatter_class=HelpFormatter).parse_args_into_dataclasses(
-                args=argv, look_for_args_file=False
-            )
-        except ValueError as error:  # unknown flags
-            raise UserError(str(error).splitlines()[0]) from None
+    with command():
+        (args,) = parse_flags((EvaluateArguments,), argv, description=DESCRIPTION)
         return evaluate(args)
 
 

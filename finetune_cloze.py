@@ -8,19 +8,18 @@ Rows: {"inputs_pretokenized": "...[MASK]...", "choices_pretokenized": [...], "la
 packed sequence (glm.inputs.MultipleChoiceBuilder) scored by GLMForMultipleChoice; the loss is the
 cross-entropy over the choice scores. Evaluation writes eval_accuracy (%) and eval_loss to
 eval_results.json and one row per dev example (prediction, scores) to eval_predictions.jsonl.
-The recipe, resume, loading, LoRA and the Trainer are glm.training's, as for finetune_generation.py.
+The recipe, resume, loading, LoRA and the Trainer are glm.training's task skeleton, as for
+finetune_generation.py.
 """
 
 import os
 import sys
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.trainer import TrainingArguments
-
-from glm.errors import exit_on_user_error
+from glm.cli.process import command
 from glm.training.arguments import ModelArguments, parse_arguments
-from glm.training.driver import finish
+from glm.training.task import finish
 from glm.understanding.cloze import ClozeDataArguments, finetune_cloze
+from paddlenlp.trainer import TrainingArguments
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-cloze.json")
@@ -40,9 +39,10 @@ def parse_cloze_arguments(argv):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error():
+    with command():
         arguments = parse_cloze_arguments(sys.argv[1:] if argv is None else argv)
-        trainer = finetune_cloze(*arguments, callbacks=callbacks, task_recipe=DEFAULT_RECIPE)
+        trainer = finetune_cloze(*arguments, callbacks=callbacks, task_recipe=DEFAULT_RECIPE,
+                                 given_flags=arguments.given_flags)
     return finish(trainer)
 
 

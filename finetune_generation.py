@@ -15,19 +15,18 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Optional
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.datasets import MapDataset
-from paddlenlp.trainer import TrainingArguments, set_seed
-
 from data import build_examples, read_rows
-from glm.errors import UserError, exit_on_user_error
+from glm.cli.console import shown
+from glm.cli.process import command
+from glm.errors import UserError
+from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.jsonl import find_split_file
-from glm.prediction import GENERATION_SETTINGS, GenerationArguments
-from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments, resolve_amp
-from glm.training.console import describe_model, shown
-from glm.training.driver import finish, last_checkpoint_to_resume, load_for_training, train_and_evaluate
-from glm.training.run_record import data_fingerprint, model_fingerprint, run_settings
+from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments
+from glm.training.run_record import data_fingerprint, model_fingerprint
+from glm.training.task import Task, TaskData, finish, run_task
+from paddlenlp.datasets import MapDataset
+from paddlenlp.trainer import TrainingArguments
 from utils import GenerationTrainer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -64,71 +63,72 @@ def load_split(data_args, split):
     return read_rows(path, data_args.src_key, data_args.tgt_key, skip_bad_rows=data_args.skip_bad_rows)
 
 
-def run(model_args, data_args, generation_args, training_args, callbacks=()):
-    dtype = resolve_amp(training_args)
-    # What determines the trained weights; the decoding flags (generation_args) only reach evaluation.
-    resume = last_checkpoint_to_resume(training_args, run_settings(
-        (model_args, data_args, training_args),
-        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
-                "dataset_name_or_path": data_fingerprint(data_args.dataset_name_or_path)},
-    ))
-    set_seed(training_args.seed)
-    generation_config = generation_args.config(data_args.tgt_length, seed=training_args.seed)
+class GenerationTask(Task):
+    """Source -> target finetuning; evaluation decodes the dev set (GenerationTrainer)."""
 
-    model, tokenizer = load_for_training(
-        model_args,
-        dtype,
-        {"src_length": data_args.src_length, "tgt_length": data_args.tgt_length},
-        task_recipe=DEFAULT_RECIPE,
-        label_smoothing=model_args.label_smoothing,
-    )
-    try:
-        builder = GLMInputBuilder(tokenizer, data_args.src_length, data_args.tgt_length, data_args.mask_token)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    trainer_class = GenerationTrainer
+    metric_labels = METRIC_LABELS
+    default_recipe = DEFAULT_RECIPE
 
-    train_dataset = eval_dataset = eval_rows = None
-    splits = []
-    if training_args.do_train:
-        train_dataset = MapDataset([e.features() for e in build_examples(load_split(data_args, "train"), builder)])
-        splits.append(f"{len(train_dataset)} train rows")
-    if training_args.do_eval or data_args.eval_before_training:
-        dev = load_split(data_args, "dev")
-        if data_args.max_eval_samples:
-            dev.rows = dev.rows[: data_args.max_eval_samples]
-        eval_dataset = MapDataset([e.features() for e in build_examples(dev, builder)])
-        eval_rows = ([r[dev.source_key] for r in dev.rows], [r[dev.target_key] for r in dev.rows], dev.rows)
-        splits.append(f"{len(dev.rows)} dev rows decoded with {generation_config.num_beams} beams")
+    def __init__(self, model_args, data_args, generation_args, training_args, given_flags=frozenset()):
+        super().__init__(model_args, training_args, given_flags)
+        self.data_args, self.generation_args = data_args, generation_args
 
-    trainer = GenerationTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        tokenizer=tokenizer,
-        data_collator=partial(collate_examples, pad_id=builder.ids.pad),
-        callbacks=list(callbacks),
-        builder=builder,
-        generation_config=generation_config,
-        eval_rows=eval_rows,
-        lr_decay_ratio=model_args.lr_decay_ratio,
-    )
-    generation_settings = dict(asdict(generation_args), src_length=data_args.src_length,
-                               tgt_length=data_args.tgt_length, mask_token=data_args.mask_token)
-    train_and_evaluate(
-        trainer, resume, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training,
-        extra_files={GENERATION_SETTINGS: generation_settings},
-        about={"model": describe_model(model_args, model),
-               "data": f"{shown(data_args.dataset_name_or_path)}: {', '.join(splits)}"},
-        metric_labels=METRIC_LABELS,
-    )
-    return trainer
+    def prepare(self):
+        self.generation_config = self.generation_args.config(self.data_args.tgt_length, seed=self.training_args.seed)
+
+    def recorded_arguments(self):
+        return (self.data_args,)  # the decoding flags (generation_args) only reach evaluation
+
+    def inputs(self):
+        return {"model_name_or_path": model_fingerprint(self.model_args.model_name_or_path),
+                "dataset_name_or_path": data_fingerprint(self.data_args.dataset_name_or_path)}
+
+    def lengths(self):
+        return {"src_length": self.data_args.src_length, "tgt_length": self.data_args.tgt_length}
+
+    def config_overrides(self):
+        return {"label_smoothing": self.model_args.label_smoothing}
+
+    def eval_before_training(self):
+        return self.data_args.eval_before_training
+
+    def data(self, tokenizer) -> TaskData:
+        data_args, training_args = self.data_args, self.training_args
+        try:
+            builder = GLMInputBuilder(tokenizer, data_args.src_length, data_args.tgt_length, data_args.mask_token)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        train_dataset = eval_dataset = eval_rows = None
+        splits = []
+        if training_args.do_train:
+            train_dataset = MapDataset([e.features() for e in build_examples(load_split(data_args, "train"), builder)])
+            splits.append(f"{len(train_dataset)} train rows")
+        if training_args.do_eval or data_args.eval_before_training:
+            dev = load_split(data_args, "dev")
+            if data_args.max_eval_samples:
+                dev.rows = dev.rows[: data_args.max_eval_samples]
+            eval_dataset = MapDataset([e.features() for e in build_examples(dev, builder)])
+            eval_rows = ([r[dev.source_key] for r in dev.rows], [r[dev.target_key] for r in dev.rows], dev.rows)
+            splits.append(f"{len(dev.rows)} dev rows decoded with {self.generation_config.num_beams} beams")
+        settings = dict(asdict(self.generation_args), src_length=data_args.src_length, tgt_length=data_args.tgt_length,
+                        mask_token=data_args.mask_token)
+        return TaskData(
+            train_dataset, eval_dataset, partial(collate_examples, pad_id=builder.ids.pad),
+            trainer_arguments=dict(builder=builder, generation_config=self.generation_config, eval_rows=eval_rows),
+            about={"data": f"{shown(data_args.dataset_name_or_path)}: {', '.join(splits)}"},
+            extra_files={GENERATION_SETTINGS: settings},
+        )
+
+
+def run(model_args, data_args, generation_args, training_args, callbacks=(), given_flags=frozenset()):
+    return run_task(GenerationTask(model_args, data_args, generation_args, training_args, given_flags), callbacks)
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error():
+    with command():
         arguments = parse_generation_arguments(sys.argv[1:] if argv is None else argv)
-        trainer = run(*arguments, callbacks=callbacks)
+        trainer = run(*arguments, callbacks=callbacks, given_flags=arguments.given_flags)
     return finish(trainer)
 
 

@@ -13,33 +13,23 @@ from the partial file only when OUTPUT.partial.json (the fingerprint of its inpu
 and settings) matches the rerun's (else it refuses, or starts afresh with --overwrite_output).
 """
 
-import hashlib
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.trainer import PdArgumentParser
-from tqdm import tqdm
-
-from paddlenlp.utils.log import logger
-
 from data import build_examples, read_rows
-from glm.errors import DataError, UserError, exit_on_user_error, on_interrupt
-from glm.files import atomic_file, crash_point
-from glm.prediction import (
-    GENERATION_SETTINGS,
-    CheckpointArguments,
-    GenerationArguments,
-    Predictor,
-    load_predictor,
-    resolve_settings,
-)
-from glm.resumable_output import files_signature, resumable_rows
-from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say
-from glm.training.crash_safety import acquire_file_lock, release_lock
+from glm.cli.arguments import parse_flags
+from glm.cli.console import progress_bar, say
+from glm.cli.process import command, on_interrupt
+from glm.bounds import COUNT, check_flag
+from glm.errors import DataError, UserError
+from glm.files import atomic_file, crash_point, file_sha256, fsync_file, output_file_lock
+from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
+from glm.prediction import CheckpointArguments, Predictor, load_predictor, resolve_settings
+from glm.resumable_output import files_signature, publish_rows, resumable_rows
+from paddlenlp.utils.log import logger
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
@@ -71,8 +61,7 @@ def check_output_file(path: str):
 
 def output_fingerprint(args: PredictArguments, generation_args: GenerationArguments) -> dict:
     """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
-    with open(args.data_file, "rb") as f:
-        data_sha256 = hashlib.sha256(f.read()).hexdigest()
+    data_sha256 = file_sha256(args.data_file)
     model = args.model_path(DEFAULT_MODEL)
     settings = {k: v for k, v in asdict(args).items() if k not in ("output_file", "overwrite_output", "batch_size", "force")}
     fingerprint = {
@@ -87,7 +76,7 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
 def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict):
     dataset = read_rows(args.data_file, args.src_key, need_target=False, skip_bad_rows=args.skip_bad_rows)
     rows = dataset.rows
-    build_examples(dataset, predictor.builder, with_target=False)  # notes the sources cut to src_length
+    sources = [example.input_ids for example in build_examples(dataset, predictor.builder, with_target=False)]
     partial = args.output_file + ".partial" if args.output_file else None
     done = resumable_rows(partial, fingerprint, args.overwrite_output) if partial else 0
     if done:
@@ -98,20 +87,20 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
     chunk = predictor.batch_size * 8
-    with tqdm(total=len(rows), initial=done, desc="predicting", unit="row", file=sys.stderr) as bar:
+    with progress_bar(len(rows), "predicting", "row", initial=done) as bar:
         for start in range(done, len(rows), chunk):
             part = rows[start : start + chunk]
-            results = predictor.predict([row[dataset.source_key] for row in part], progress=bar.update)
+            results = predictor.predict([row[dataset.source_key] for row in part], progress=bar.update,
+                                        sources=sources[start : start + chunk])
             for row, fields in zip(part, results):
                 output.write(json.dumps(dict(row, **fields), ensure_ascii=False) + "\n")
             output.flush()
             if partial:
-                os.fsync(output.fileno())
+                fsync_file(output)
                 crash_point("predict:chunk-written")
     if partial:
         output.close()
-        os.replace(partial, args.output_file)
-        os.unlink(partial + ".json")
+        publish_rows(partial, args.output_file)
         say(f"Wrote {len(rows)} predictions to {args.output_file}")
 
 
@@ -141,9 +130,10 @@ def _predict_lines(predictor: Predictor, output, interactive: bool):
             raise DataError(f"stdin:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
         if not text:
             continue
-        if predictor.builder.source_ids(text)[1]:
+        source, cut = predictor.builder.source_ids(text)
+        if cut:
             logger.warning(f"stdin:{number}: source cut to src_length={predictor.builder.src_length} tokens")
-        fields = predictor.predict([text])[0]
+        fields = predictor.predict([text], sources=[source])[0]
         if interactive:
             print(fields.get("filled") or fields["prediction"])
         else:
@@ -155,42 +145,33 @@ def parse_arguments(argv):
     """Flags; those not given come from the checkpoint's generation_settings.json (what it was evaluated
     with in finetune_generation.py), then from the defaults. One line on stderr says what applies."""
     argv = sys.argv[1:] if argv is None else argv
-    configure_logging(argv)
-    parser = PdArgumentParser(
-        (PredictArguments, GenerationArguments, ConsoleArguments),
-        formatter_class=HelpFormatter,
+    args, generation_args = parse_flags(
+        (PredictArguments, GenerationArguments), argv,
         description=f"Flags not given take their values from the checkpoint's {GENERATION_SETTINGS} (written "
         "by finetune_generation.py: the lengths and decoding it was evaluated with), then from the defaults "
         "below (THUDM's glm-large-chinese recipe).",
     )
-    try:
-        args, generation_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from None
     resolve_settings(argv, args, generation_args, DEFAULT_MODEL)
     return args, generation_args
 
 
 def main(argv=None):
-    with exit_on_user_error():
+    with command():
         args, generation_args = parse_arguments(argv)
-        if args.batch_size < 1:
-            raise UserError(f"--batch_size must be at least 1; got {args.batch_size}")
+        check_flag("batch_size", args.batch_size, COUNT)
         if args.output_file:
             check_output_file(args.output_file)
-            acquire_file_lock(args.output_file)  # two runs into one file would write every row twice
-        fingerprint = None
-        if args.data_file and args.output_file:
-            if not os.path.isfile(args.data_file):
-                raise DataError(f"{args.data_file}: no such file")
-            fingerprint = output_fingerprint(args, generation_args)
-        predictor = load_predictor(args, generation_args, DEFAULT_MODEL, args.seed, args.batch_size)
-        if args.data_file:
-            predict_file(predictor, args, fingerprint)
-        else:
-            predict_stdin(predictor, args)
-        if args.output_file:
-            release_lock(args.output_file)
+        with output_file_lock(args.output_file):  # two runs into one file would write every row twice
+            fingerprint = None
+            if args.data_file and args.output_file:
+                if not os.path.isfile(args.data_file):
+                    raise DataError(f"{args.data_file}: no such file")
+                fingerprint = output_fingerprint(args, generation_args)
+            predictor = load_predictor(args, generation_args, DEFAULT_MODEL, args.seed, args.batch_size)
+            if args.data_file:
+                predict_file(predictor, args, fingerprint)
+            else:
+                predict_stdin(predictor, args)
 
 
 if __name__ == "__main__":

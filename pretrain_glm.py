@@ -13,14 +13,12 @@ out loss per objective (eval_loss_token, eval_loss_sentence, eval_loss_document)
 import os
 import sys
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.trainer import TrainingArguments
-
-from glm.errors import exit_on_user_error
+from glm.cli.process import command
 from glm.pretraining.objective import PretrainingArguments
 from glm.pretraining.pretrain import CorpusArguments, prepare_on_demand, pretrain
 from glm.training.arguments import ModelArguments, parse_arguments
-from glm.training.driver import finish
+from glm.training.task import finish
+from paddlenlp.trainer import TrainingArguments
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-pretrain.json")
@@ -43,11 +41,11 @@ def parse_pretraining_arguments(argv):
 
 
 def main(argv=None, callbacks=()):
-    with exit_on_user_error():
-        model_args, corpus_args, objective_args, training_args = parse_pretraining_arguments(
-            sys.argv[1:] if argv is None else argv)
+    with command():
+        arguments = parse_pretraining_arguments(sys.argv[1:] if argv is None else argv)
+        model_args, corpus_args, objective_args, training_args = arguments
         trainer = pretrain(model_args, corpus_args, objective_args, training_args, callbacks=callbacks,
-                           task_recipe=DEFAULT_RECIPE,
+                           task_recipe=DEFAULT_RECIPE, given_flags=arguments.given_flags,
                            prepare=lambda tokenizer: prepare_on_demand(DEMO_CORPORA, "summary", tokenizer, corpus_args,
                                                                        training_args))
     return finish(trainer) if trainer is not None else None

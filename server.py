@@ -15,14 +15,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-import glm  # noqa: F401  (first: sets the CPU thread count before paddle is imported)
 import uvicorn
-from paddlenlp.trainer import PdArgumentParser
 
-from glm.errors import UserError, exit_on_user_error
-from glm.prediction import GENERATION_SETTINGS, CheckpointArguments, GenerationArguments, load_predictor, resolve_settings
+from glm.bounds import COUNT, check_flag
+from glm.cli.arguments import parse_flags
+from glm.cli.console import ConsoleArguments, say
+from glm.cli.process import command
+from glm.errors import UserError
+from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
+from glm.prediction import CheckpointArguments, load_predictor, resolve_settings
 from glm.serving.app import ServeOptions, create_app
-from glm.training.console import ConsoleArguments, HelpFormatter, configure_logging, say
 
 API_KEY_VARIABLE = "GLM_API_KEY"
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "glm-tiny-chinese")
@@ -44,22 +46,15 @@ class ServeArguments:
 
 
 def parse_arguments(argv):
-    configure_logging(argv)
-    parser = PdArgumentParser(
-        (CheckpointArguments, GenerationArguments, ServeArguments, ConsoleArguments),
-        formatter_class=HelpFormatter,
+    model_args, generation_args, serve_args, console_args = parse_flags(
+        (CheckpointArguments, GenerationArguments, ServeArguments, ConsoleArguments), argv,
         description=f"Decoding flags are the server's defaults; a request's own settings override them. Flags not "
         f"given come from the checkpoint's {GENERATION_SETTINGS}, then from the defaults below.",
     )
-    try:
-        model_args, generation_args, serve_args, console_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from None
     resolve_settings(argv, model_args, generation_args, DEFAULT_MODEL)
     serve_args.api_key = serve_args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     for name in ("max_queue", "max_batch_rows", "max_body_bytes"):
-        if getattr(serve_args, name) < 1:
-            raise UserError(f"--{name} must be at least 1; got {getattr(serve_args, name)}")
+        check_flag(name, getattr(serve_args, name), COUNT)
     if serve_args.drain_seconds < 0 or serve_args.request_timeout <= 0:
         raise UserError("--drain_seconds must not be negative and --request_timeout must be positive")
     return model_args, generation_args, serve_args, console_args
@@ -81,12 +76,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
-        self.config.app.state.stop_accepting()  # /ready says 503 at once; keep-alive requests get 503
+        self.config.app.state.serving.stop_accepting()  # /ready says 503 at once; keep-alive requests get 503
         super().handle_exit(sig, frame)
 
 
 def main(argv=None):
-    with exit_on_user_error():
+    with command():
         model_args, generation_args, serve_args, console_args = parse_arguments(sys.argv[1:] if argv is None else argv)
         predictor = load_predictor(model_args, generation_args, DEFAULT_MODEL, batch_size=1)
         path = model_args.model_path(DEFAULT_MODEL)

@@ -7,10 +7,10 @@ from typing import Dict, List
 
 import paddle
 
+from glm.cli.console import progress_bar
 from glm.files import write_jsonl_atomic
 from glm.generation import GLMGenerator, default_banned_ids, generate_answers
 from glm.training.trainer import GLMTrainer
-from glm.training.console import progress_bar
 
 __all__ = ["GenerationTrainer", "generation_metrics"]
 

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import glm  # noqa: E402  (sets the CPU thread count and MKL's kernels before paddle is imported)
+import glm  # noqa: E402
+from glm.cli.process import use_all_cores  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
@@ -40,7 +41,8 @@ from bench.workloads import (  # noqa: E402
     DECODE_SHAPES, make_sources, paddlenlp_greedy, paddlenlp_inputs, paddlenlp_model, special_ids)
 from bench.machine import describe_machine  # noqa: E402
 from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
-from glm.modeling import DecodingCache, DecodingMask, GLMAttention  # noqa: E402
+from glm.decoding_cache import DecodingCache, DecodingMask  # noqa: E402
+from glm.modeling import GLMAttention  # noqa: E402
 from glm.packed_gemm import packed_transposed  # noqa: E402
 from glm.tokenization import GLMSpecialIds  # noqa: E402
 
@@ -356,6 +358,7 @@ def main():
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="after timing, cProfile one run of ours (greedy, beam) and print its top N functions")
     args = parser.parse_args()
+    use_all_cores()  # as the entry scripts run
     global clock
     clock = time.process_time if args.cpu_time else time.perf_counter
     start = time.perf_counter()

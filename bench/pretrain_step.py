@@ -19,7 +19,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import glm  # noqa: E402,F401  (sets the CPU thread count before paddle is imported)
+import glm  # noqa: E402,F401
+from glm.cli.process import use_all_cores  # noqa: E402
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from pretraining_memory import prepare, tokenizer_dir  # noqa: E402
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per model and objective")
     parser.add_argument("--builder_batches", type=int, default=300, help="batches timed for the builder")
     args = parser.parse_args()
+    use_all_cores()  # as the entry scripts run
     print(f"{describe_machine()}; paddle {paddle.__version__} on {paddle.device.get_device()}", flush=True)
 
     os.makedirs(args.work_dir, exist_ok=True)

@@ -58,7 +58,6 @@ def prepare(work_dir, scale, tokenizer):
 
 def child(args):
     """Build the batches of a run over one corpus; print the memory figures."""
-    import glm  # noqa: F401  (sets the CPU thread count before paddle is imported)
     from glm.pretraining.corpus import open_corpus
     from glm.pretraining.dataset import BatchCollator, PretrainingDataset
     from glm.pretraining.objective import BlankInfillingBuilder, PretrainingArguments, sentence_end_table
@@ -94,7 +93,6 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
-    import glm  # noqa: F401
     from glm.tokenization import load_tokenizer
 
     os.makedirs(args.work_dir, exist_ok=True)

@@ -8,8 +8,8 @@ and our beam 5.
 
 A PaddleNLP process imports paddle and paddlenlp only, never `glm`, so it runs as a PaddleNLP user's
 does: Paddle's OMP_NUM_THREADS=1 and, on AMD, MKL's default kernels (unless the caller's environment sets
-them; both sides then get them). Ours imports `glm`, which uses every core and, on AMD CPUs with AVX2 and
-FMA, MKL's AVX2 kernels. Every process loads the same weights (written once by a setup process) and
+them; both sides then get them). Ours runs as glm's entry scripts do: every core (glm.cli.process) and, on
+AMD CPUs with AVX2 and FMA, MKL's AVX2 kernels (importing `glm`). Every process loads the same weights (written once by a setup process) and
 builds the same batch, so the first training loss and the greedy tokens are compared across processes.
 Each process times its own work after a warm-up: process start and model building are not counted.
 bench/train_step.py and bench/decode.py compare both in one process, both with glm's settings.
@@ -27,7 +27,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # bench.* from this checkout (an "ours" child puts its glm checkout first)
 
-from bench.machine import describe_machine  # noqa: E402
+from bench.machine import describe_machine, paddle_threads  # noqa: E402
 
 RESULT = "RESULT "  # a child's last line: RESULT {json}
 PROMPTS, SHORTEST, LONGEST, BEAMS = 4, 100, 200, 5
@@ -127,7 +127,14 @@ def report(task, results):
 def run_child(args):
     if args.child == "ours":
         sys.path.insert(0, args.root)  # before this checkout: --baseline's glm is imported from its own
-        import glm  # noqa: F401  (first: it sets the thread count and MKL's kernels before paddle is imported)
+        import glm  # noqa: F401  (MKL's kernels)
+
+        try:
+            from glm.cli.process import use_all_cores
+        except ImportError:  # a --baseline checkout from before glm.cli: its import set the threads
+            use_all_cores = None
+        if use_all_cores:
+            use_all_cores()  # as the entry scripts run
     from bench import workloads
 
     shape = dict(workloads.DECODE_SHAPES[args.shape])
@@ -138,7 +145,7 @@ def run_child(args):
         paddle.seed(0)
         paddle.save(workloads.paddlenlp_model(shape).state_dict(), args.weights)
         return emit({})
-    environment = " ".join(f"{name}={os.environ.get(name)}" for name in ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE"))
+    environment = f"threads={paddle_threads()} MKL_DEBUG_CPU_TYPE={os.environ.get('MKL_DEBUG_CPU_TYPE')}"
     results = {}
     for task in args.tasks.split(","):  # each on a fresh model: training changes the weights
         work = child_training if task == "train" else child_decoding

@@ -22,7 +22,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import glm  # noqa: E402  (sets the CPU thread count and MKL's kernels before paddle is imported)
+import glm  # noqa: E402
+from glm.cli.process import use_all_cores  # noqa: E402
 import paddle  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
@@ -121,6 +122,7 @@ def main():
     parser.add_argument("--rss-child", choices=sorted(TRAIN_SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_all_cores()  # as the entry scripts run
     if args.rss_child:
         return peak_rss_child(args.rss_child, args.layers, args.rss_batch, args.recompute)
     print(f"{describe_machine()}; paddle {paddle.__version__} on {paddle.device.get_device()}", flush=True)

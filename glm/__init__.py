@@ -1,38 +1,26 @@
 """glm-paddle: GLM (General Language Model, autoregressive blank infilling) on PaddlePaddle.
 
-The model and what feeds it: configuration, modeling, tokenization, inputs (the one input builder),
-generation (decoding), loading, lora, lora_merge, convert; prediction (checkpoint -> answers), errors,
-files (atomic writes), jsonl (row reading), resumable_output. Subpackages: training (the finetuning
-driver every task shares) and understanding (multiple choice, cloze finetuning, LM evaluation).
+The model and what feeds it: configuration, modeling, decoding_cache, tokenization, inputs (the one input
+builder), generation (decoding), generation_settings, bounds (every value's limits), checkpoint (reading
+one), lora, loading (the one loader: model, tokenizer, adapter), lora_merge, convert; prediction
+(checkpoint -> answers), errors (every user-facing error), files (crash-safe outputs), jsonl (row
+reading), resumable_output. Subpackages: cli (what every entry script shares), training (the task
+skeleton every finetuning and pretraining task plugs into), understanding (multiple choice, cloze
+finetuning, LM evaluation), pretraining, serving.
+
+Importing glm defines these names and does one thing besides (below): it picks MKL's fast kernels on AMD
+CPUs, which must happen before Paddle's first matmul. Using every core is the entry scripts' choice
+(glm.cli.process), not an import's.
 """
 
-import contextlib
-import io
 import os
-import sys
 import warnings
 from typing import Optional
 
-# Noise Paddle's import prints on every run of every script, unrelated to anything the user can change.
+# Two warnings Paddle's import prints on every run, about its C++-extension builder, that no user of GLM
+# can act on.
 warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
-
-# Paddle's import warns about any OMP_NUM_THREADS above 1 (a data-parallel concern: OpenBLAS builds, one
-# thread per worker). Its own banner, not a Python warning, so it is dropped from stderr by prefix.
-PADDLE_THREAD_WARNING = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
-
-
-@contextlib.contextmanager
-def _without_paddle_thread_warning():
-    """stderr held back while Paddle imports; everything but its OMP_NUM_THREADS banner is passed on."""
-    real, held = sys.stderr, io.StringIO()
-    sys.stderr = held
-    try:
-        yield
-    finally:
-        sys.stderr = real
-        lines = held.getvalue().splitlines(keepends=True)
-        real.write("".join(line for line in lines if not line.startswith(PADDLE_THREAD_WARNING)))
 
 
 def read_cpuinfo(path: str = "/proc/cpuinfo") -> str:
@@ -71,13 +59,9 @@ def use_fast_mkl_kernels(environ=os.environ, cpuinfo: Optional[str] = None) -> N
         environ["MKL_DEBUG_CPU_TYPE"] = value
 
 
+# MKL reads MKL_DEBUG_CPU_TYPE at its first matmul: set here, on import, so that every way into the
+# package (an entry script, a test, a user's own code) gets the fast kernels.
 use_fast_mkl_kernels()
-# Paddle pins OMP_NUM_THREADS=1 at import when it is unset; GLM on 2 CPU cores runs ~1.4x faster with
-# both. (paddle.distributed.launch sets OMP_NUM_THREADS=1 for each worker itself, so workers keep 1.)
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-if "paddle" not in sys.modules:
-    with _without_paddle_thread_warning():  # a warning about data parallel on OpenBLAS: not our case
-        import paddle  # noqa: F401
 
 from .configuration import GLMConfig  # noqa: E402
 from .modeling import GLMForConditionalGeneration, GLMForMultipleChoice, GLMModel, GLMPretrainedModel  # noqa: E402

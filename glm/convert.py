@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import zipfile
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -39,17 +38,14 @@ import paddle
 from paddlenlp.transformers import GLMChineseTokenizer
 from paddlenlp.transformers.model_utils import no_init_weights
 
+from .cli.console import LOG_LEVELS, configure_logging
+from .cli.process import command
 from .configuration import GLMConfig
-from .errors import exit_on_user_error
+from .errors import ConversionError
 from .files import staged_directory
 from .modeling import GLMForConditionalGeneration
-from .training.console import LOG_LEVELS, configure_logging
 
-__all__ = ["ConversionError", "convert_checkpoint", "read_safetensors", "read_torch_bin", "main"]
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message is one line written for the user."""
+__all__ = ["convert_checkpoint", "read_safetensors", "read_torch_bin", "main"]
 
 
 # Torch Linear weights are [out, in], Paddle's [in, out]: exactly these are transposed.
@@ -441,13 +437,9 @@ def main(argv=None):
     )
     parser.add_argument("--log_level", default="warning", choices=LOG_LEVELS, help="PaddleNLP's log lines (info: loading)")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
+    with command(also=(OSError,)):  # an OSError: e.g. a full disk while writing
         configure_logging(["--log_level", args.log_level])
-        try:
-            convert_checkpoint(args.input_dir, args.output_dir, args.eop_gmask_overlap, args.dtype)
-        except (ConversionError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+        convert_checkpoint(args.input_dir, args.output_dir, args.eop_gmask_overlap, args.dtype)
 
 
 if __name__ == "__main__":

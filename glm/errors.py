@@ -1,88 +1,55 @@
-"""How an entry script stops: a user's mistake in one line (`error: ...`, exit status 2) instead of a
-traceback, and an interruption (Ctrl-C, SIGTERM) in one line that says how to go on (exit 128 + signal).
-Either way progress bars are closed first, so that line is the last one, and the output-dir locks are
-released."""
+"""Every error this toolkit raises for a user's mistake, in one hierarchy at the bottom of the package.
 
-import contextlib
-import signal
-import sys
-import threading
-from typing import Callable, List, Optional, Union
+A `UserError` is a mistake of the user's (a flag, a path, a file, an adapter, a request): an entry script
+says it in one line, `error: ...`, and exits with status 2 (glm.cli.process); the server answers 400.
+Anything else that escapes is a bug and keeps its traceback. The subclasses say which input was wrong;
+those that are also `ValueError`s are raised where a library caller expects a ValueError (bad data, a
+checkpoint that does not load, ...).
+"""
 
-__all__ = ["UserError", "DataError", "Terminated", "user_error_types", "exit_on_user_error", "on_interrupt", "at_exit"]
+from typing import Optional
+
+__all__ = [
+    "UserError", "DataError", "CheckpointError", "TokenizerError", "AdapterError", "LoRAMergeError",
+    "ConversionError", "TrainingDiverged", "RequestError",
+]  # fmt: skip
 
 
 class UserError(Exception):
     """A mistake of the user's (a path, a flag, a config): reported in one line, exit status 2."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data, said in one line that names the file (and line)."""
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is (as Python raises KeyboardInterrupt for SIGINT)."""
+class CheckpointError(UserError, ValueError):
+    """A model path that cannot be loaded, or a model and tokenizer that do not fit together."""
 
 
-def user_error_types() -> tuple:
-    """Every exception the project raises for a user's mistake (a flag, a path, a file, an adapter). One
-    list for all entry scripts: each script listing its own had let an adapter refusal escape as a
-    traceback from the scripts that forgot AdapterError."""
-    from .loading import CheckpointError  # here, not at the top: those modules import paddle
-    from .lora import AdapterError
-    from .tokenization import TokenizerError
-
-    return (UserError, DataError, CheckpointError, AdapterError, TokenizerError)
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be used for GLM (missing, or special tokens not distinct)."""
 
 
-_interrupt_note: Optional[Union[str, Callable[[], str]]] = None
-_exit_cleanups: List[Callable[[], None]] = []
+class AdapterError(UserError, ValueError):
+    """An adapter that does not belong to the base it is applied to."""
 
 
-def on_interrupt(note: Optional[Union[str, Callable[[], str]]]):
-    """What the line printed on an interruption adds (or a function computing it then), e.g. "rerunning
-    the same command continues from checkpoint-8". Set by whoever knows how the work resumes."""
-    global _interrupt_note
-    _interrupt_note = note
+class LoRAMergeError(AdapterError):
+    """A base or adapter that cannot be merged."""
 
 
-def at_exit(cleanup: Callable[[], None]):
-    """Run `cleanup` before the one line of an error or interruption (also when the caller is a test that
-    keeps the process alive; atexit covers uncaught exceptions)."""
-    if cleanup not in _exit_cleanups:
-        _exit_cleanups.append(cleanup)
+class ConversionError(UserError, ValueError):
+    """A THUDM checkpoint that cannot be converted."""
 
 
-def _stop(line: str, status: int):
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):  # a bar's final redraw would follow the line
-        bar.close()
-    for cleanup in _exit_cleanups:
-        cleanup()
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(status)
+class TrainingDiverged(UserError):
+    """A non-finite loss or weights: training stops before anything non-finite is saved."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+class RequestError(UserError, ValueError):
+    """A bad HTTP request, said in one line that names the field (`param`): answered with `status`."""
 
-
-@contextlib.contextmanager
-def exit_on_user_error():
-    """Turns a user's mistake (`user_error_types`) into `error: message` on stderr and exit status 2, and
-    Ctrl-C / SIGTERM into `stopped by ...` with the `on_interrupt` note and exit status 130 / 143."""
-    on_interrupt(None)
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        yield
-    except user_error_types() as error:
-        _stop(f"error: {error}", 2)
-    except (KeyboardInterrupt, Terminated) as stop:
-        how, signum = ("SIGTERM", signal.SIGTERM) if isinstance(stop, Terminated) else ("Ctrl-C (SIGINT)", signal.SIGINT)
-        note = _interrupt_note() if callable(_interrupt_note) else _interrupt_note
-        _stop(f"stopped by {how}" + (f": {note}" if note else ""), 128 + signum)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    def __init__(self, param: Optional[str], message: str, status: int = 400):
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param, self.status = param, status

@@ -7,7 +7,7 @@ right, each answer joining the memory before the next blank starts (THUDM's gene
 The model is used through one narrow interface, `_extend` (and `_forward` / `_logprobs` under it): feed
 tokens with explicit positions and a mask over memory + new keys, get the cache back (and the last
 position's log-probabilities). Decoding steps go through `_DecodingRows` over a DecodingCache and a
-DecodingMask (glm/modeling.py). The search runs in NumPy on the [rows, vocab] log-probabilities, in
+DecodingMask (glm/decoding_cache.py). The search runs in NumPy on the [rows, vocab] log-probabilities, in
 pieces a step-wise engine can reuse: `log_softmax`, `process_scores` (THUDM's logit processors),
 `top_k_indices` / `beam_candidates` (candidate selection) and `BeamHypotheses` (finished answers).
 
@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import paddle
 
-from .modeling import DecodingCache, DecodingMask, DecodingMaskGroup
+from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, TGT_LENGTH
+from .decoding_cache import DecodingCache, DecodingMask, DecodingMaskGroup
 from .packed_gemm import packed_transposed
 from .tokenization import GLMSpecialIds
 
@@ -53,24 +54,19 @@ class GenerationConfig:
             problems.append(f"decode_strategy must be one of {', '.join(DECODE_STRATEGIES)}")
         if self.length_penalty_form not in LENGTH_PENALTY_FORMS:
             problems.append(f"length_penalty_form must be one of {', '.join(LENGTH_PENALTY_FORMS)}")
-        if self.tgt_length < 1:
-            problems.append("tgt_length must be at least 1")
-        if not 0 <= self.min_tgt_length <= self.tgt_length:
-            problems.append("min_tgt_length must be between 0 and tgt_length")
-        if self.num_beams < 1:
-            problems.append("num_beams must be at least 1")
-        if self.num_return_sequences < 1:
-            problems.append("num_return_sequences must be at least 1")
+        ranges = [("tgt_length", TGT_LENGTH, {}), ("num_beams", COUNT, {}), ("num_return_sequences", COUNT, {}),
+                  ("no_repeat_ngram_size", NON_NEGATIVE, {}), ("top_k", NON_NEGATIVE, {}), ("top_p", RATIO, {}),
+                  ("temperature", POSITIVE, {}), ("length_penalty", FINITE, {})]
+        if TGT_LENGTH.problem(self.tgt_length) is None:
+            ranges.append(("min_tgt_length", MIN_TGT_LENGTH, dict(high=self.tgt_length, high_is="tgt_length")))
+        for name, bound, limits in ranges:
+            problem = bound.problem(getattr(self, name), **limits)
+            if problem:
+                problems.append(f"{name} {problem}")
         if self.decode_strategy == "beam_search" and self.num_return_sequences > self.num_beams:
             problems.append("num_return_sequences cannot exceed num_beams in beam search")
         if self.decode_strategy == "greedy_search" and self.num_return_sequences > 1:
             problems.append("greedy search returns one sequence: use sampling or beam search for more")
-        if self.no_repeat_ngram_size < 0 or self.top_k < 0:
-            problems.append("no_repeat_ngram_size and top_k must not be negative")
-        if not 0 <= self.top_p <= 1:
-            problems.append("top_p must be in [0, 1] (0 and 1 switch it off)")
-        if self.temperature <= 0:
-            problems.append("temperature must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -466,14 +462,17 @@ def _tensor(array):
 
 
 def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,
-                     batch_size: int, progress=None) -> List[List[List[str]]]:
+                     batch_size: int, progress=None, sources: Optional[Sequence[Sequence[int]]] = None
+                     ) -> List[List[List[str]]]:
     """Text in, text out: per text, per blank, the `num_return_sequences` answers as strings.
 
-    Sources are built by `builder` (the same GLMInputBuilder training uses) and decoded in batches of
-    similar length, so little padding is computed; results come back in the order of `texts`.
-    `progress`, if given, is called with the number of texts finished after each batch.
+    Sources are built by `builder` (the same GLMInputBuilder training uses; `sources`: the texts' source
+    ids when the caller built them already) and decoded in batches of similar length, so little padding
+    is computed; results come back in the order of `texts`. `progress`, if given, is called with the
+    number of texts finished after each batch.
     """
-    sources = [builder.build(text).input_ids for text in texts]
+    if sources is None:
+        sources = [builder.source_ids(text)[0] for text in texts]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     answers = [None] * len(sources)
     for start in range(0, len(order), batch_size):

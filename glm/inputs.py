@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .bounds import SRC_LENGTH, TGT_LENGTH
 from .tokenization import GLMSpecialIds, special_token_ids
 
 __all__ = [
@@ -57,10 +58,10 @@ class GLMInputBuilder:
     def __init__(self, tokenizer, src_length: int, tgt_length: int, mask_token: str = "[gMASK]"):
         if mask_token not in MASK_TOKENS:
             raise ValueError(f"mask_token must be one of {', '.join(MASK_TOKENS)}; got {mask_token!r}")
-        if src_length < 4:
-            raise ValueError(f"src_length must be at least 4 ([CLS], one token, the mask, <|endoftext|>); got {src_length}")
-        if tgt_length < 2:
-            raise ValueError(f"tgt_length must be at least 2 (<|startofpiece|> and one token); got {tgt_length}")
+        for name, value, bound in (("src_length", src_length, SRC_LENGTH), ("tgt_length", tgt_length, TGT_LENGTH)):
+            problem = bound.problem(value)
+            if problem:
+                raise ValueError(f"{name} {problem}")
         self.tokenizer = tokenizer
         self.ids: GLMSpecialIds = special_token_ids(tokenizer)
         self.src_length = src_length
@@ -168,10 +169,8 @@ class MultipleChoiceBuilder:
     """
 
     def __init__(self, tokenizer, src_length: int):
-        if src_length < 4:
-            raise ValueError(f"src_length must be at least 4 ([CLS], one token, the mask, <|endoftext|>); got {src_length}")
-        # The generation builder's tokenizer glue and special ids; its target side is unused here.
-        self.glm = GLMInputBuilder(tokenizer, src_length, tgt_length=2, mask_token="[MASK]")
+        # The generation builder's tokenizer glue, special ids and src_length check; its target side is unused here.
+        self.glm = GLMInputBuilder(tokenizer, src_length, tgt_length=1, mask_token="[MASK]")
         self.ids = self.glm.ids
         self.src_length = src_length
 

@@ -1,130 +1,36 @@
-"""Loading a GLM checkpoint directory (or a PaddleNLP model name) with its tokenizer, checked together.
+"""The one loader of the toolkit: a GLM checkpoint with its tokenizer, the lengths a command will use checked
+against the model, and an adapter verified against its base. Finetuning, prediction, evaluation, the
+server and merging all load through it, so an adapter trained on another base is refused the same way
+everywhere (unless `force`, for a same-shaped base)."""
 
-A directory holds config.json, the tokenizer files and, once trained, model_state.pdparams. The tiny
-default ships without weights: a directory with a config but no weights starts from random init.
-"""
+from typing import Callable, Dict, Optional
 
-import contextlib
-import os
-
-import paddle
-from paddlenlp.utils.log import logger
-
-from .configuration import BUILTIN_CHECKPOINTS, GLMConfig
-from .files import files_sha256
+from .bounds import check_lengths
+from .checkpoint import check_fits, load_checkpoint_tokenizer, load_model
+from .lora import load_lora
 from .modeling import GLMForConditionalGeneration
-from .tokenization import TokenizerError, load_tokenizer
 
-__all__ = ["CheckpointError", "load_model", "load_model_and_tokenizer", "has_weights", "weights_sha256"]
-
-WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
+__all__ = ["load_model_and_tokenizer"]
 
 
-class CheckpointError(ValueError):
-    """A model path that cannot be loaded, or a model and tokenizer that do not fit together."""
+def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditionalGeneration, *,
+                             lora_path: Optional[str] = None, force: bool = False,
+                             lengths: Optional[Dict[str, int]] = None, suggest: Optional[Callable[[int], str]] = None,
+                             with_tokenizer: bool = True, **config_overrides):
+    """(model, tokenizer) of checkpoint directory or PaddleNLP name `path`, as `model_class` (any GLM head:
+    the parameter names are shared) in `dtype`, `config_overrides` replacing config.json fields.
 
-
-def has_weights(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in WEIGHT_FILES)
-
-
-def weights_sha256(path: str) -> str:
-    """SHA-256 of a checkpoint directory's model weight files (not adapters, optimizer or scheduler
-    state), cached beside them (glm.files.files_sha256)."""
-    names = [name for name in os.listdir(path)
-             if name.endswith((".pdparams", ".safetensors")) and not name.startswith(("lora_", "scheduler", "optimizer", "."))]  # fmt: skip
-    return files_sha256(path, names)
-
-
-def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):
-    """A local checkpoint directory, or one of PaddleNLP's GLM names (downloaded by PaddleNLP), as
-    `model_class` (any GLM head: the parameter names are shared). `config_overrides` replace config.json
-    fields (e.g. label_smoothing)."""
-    if path in BUILTIN_CHECKPOINTS:
-        try:
-            return model_class.from_pretrained(path, dtype=dtype, **config_overrides)
-        except Exception as error:  # noqa: BLE001  (a failed download surfaces as many exception types)
-            raise CheckpointError(f"{path}: cannot download it ({str(error).splitlines()[0]})") from None
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"{path}: no such model directory (or give one of PaddleNLP's names: {', '.join(BUILTIN_CHECKPOINTS)})"
-        )
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
-    if has_weights(path):
-        return from_pretrained_strictly(model_class, path, dtype=dtype, **config_overrides)
-    config = GLMConfig.from_pretrained(path, **config_overrides)
-    logger.info(f"{path} holds no weights: initialising GLM ({config.num_layers} layers) from its config.json")
-    model = model_class(config)
-    return model.to(dtype=dtype) if dtype else model
-
-
-@contextlib.contextmanager
-def _loading_report(model_class, found: list):
-    """Collects the (missing, unexpected, mismatched) keys PaddleNLP's from_pretrained only logs."""
-    saved = vars(model_class).get("_load_pretrained_model")  # None when inherited
-    original = model_class._load_pretrained_model
-
-    def recording(*args, **kwargs):
-        result = original(*args, **kwargs)
-        found.append(result[1:4])
-        return result
-
-    model_class._load_pretrained_model = staticmethod(recording)
-    try:
-        yield
-    finally:
-        if saved is None:
-            del model_class._load_pretrained_model
-        else:
-            model_class._load_pretrained_model = saved
-
-
-def from_pretrained_strictly(model_class, path: str, **kwargs):
-    """`model_class.from_pretrained(path)`, any GLM class, where PaddleNLP only warns about parameters
-    the weights lack (they stay random), hold in excess or hold in another shape: a CheckpointError naming
-    the first few; an unreadable (e.g. truncated) weights file is one line too."""
-    found = []
-    with _loading_report(model_class, found):
-        try:
-            model = model_class.from_pretrained(path, **kwargs)
-        except Exception as error:  # noqa: BLE001  (a torn pickle or safetensors raises many kinds)
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-            if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:  # shapes that differ
-                raise CheckpointError(f"{path}: config.json and the weights do not fit: {lines[1][:300]}") from None
-            first = lines[0]
-            raise CheckpointError(f"{path}: cannot read its weights ({type(error).__name__}: {first[:200]})") from None
-    missing, unexpected, mismatched = found[-1] if found else ([], [], [])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} parameters missing from the weights ({', '.join(sorted(missing)[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected in the weights ({', '.join(sorted(unexpected)[:3])})")
-    if mismatched:
-        problems.append("shapes differ: " + ", ".join(f"{k} {list(a)} in the weights vs {list(b)}" for k, a, b in mismatched[:3]))
-    if problems:
-        raise CheckpointError(f"{path}: config.json and the weights do not fit: {'; '.join(problems)}")
-    broken = next((name for name, param in model.named_parameters() if not bool(paddle.isfinite(param).all())), None)
-    if broken:  # a diverged run's weights decode to empty strings: say so instead
-        raise CheckpointError(f"{path}: parameter {broken} holds NaN or inf (saved by a run that diverged)")
-    return model
-
-
-def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):
-    """The model and tokenizer of `path`; the tokenizer's ids must fit the model's embeddings."""
+    `lengths` ({flag: value}) must fit the model's max_sequence_length; `suggest(max_sequence_length)` may
+    add a way out to the error, such as the task's recipe when it fits. `lora_path` is an adapter, refused when it does not fit this base
+    or was recorded for another one (unless `force`), and applied: the model is then a LoRAModel. Without
+    `with_tokenizer` the tokenizer is None (a merge copies the tokenizer's files instead)."""
     model = load_model(path, dtype, model_class=model_class, **config_overrides)  # first: it says best what is wrong with a path
-    if path not in BUILTIN_CHECKPOINTS:
-        tokenizer = load_tokenizer(path)
-    else:
-        from paddlenlp.transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as error:  # noqa: BLE001  (PaddleNLP raises many kinds on a failed download)
-            raise TokenizerError(f"{path}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
-    if len(tokenizer) > model.config.vocab_size:
-        raise CheckpointError(
-            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
-            f"{model.config.vocab_size} rows; they do not belong together"
-        )
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = load_checkpoint_tokenizer(path)
+        check_fits(path, model, tokenizer)
+    limit = model.config.max_sequence_length
+    check_lengths(lengths or {}, limit, suggest(limit) if suggest else "")
+    if lora_path:
+        model = load_lora(model, lora_path, path, force)
     return model, tokenizer

@@ -22,11 +22,12 @@ from paddlenlp.peft import LoRAConfig, LoRAModel
 from paddlenlp.peft.lora.lora_model import LORA_WEIGHTS_NAME
 from paddlenlp.utils.log import logger
 
+from .checkpoint import weights_sha256
 from .configuration import BUILTIN_CHECKPOINTS
-from .loading import weights_sha256
+from .errors import AdapterError
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "BASE_FINGERPRINT", "SHAPE_FIELDS", "AdapterError", "linear_target_patterns",
+    "DEFAULT_LORA_TARGETS", "BASE_FINGERPRINT", "SHAPE_FIELDS", "linear_target_patterns",
     "apply_lora", "base_fingerprint", "load_lora",
 ]  # fmt: skip
 
@@ -34,10 +35,6 @@ DEFAULT_LORA_TARGETS = (".*query_key_value.*", ".*attention.dense.*")
 BASE_FINGERPRINT = "base_fingerprint.json"
 # The config fields that fix the shapes an adapter was trained on.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
-
-
-class AdapterError(ValueError):
-    """An adapter that does not belong to the base it is applied to; one line for the user."""
 
 
 def base_fingerprint(model_name_or_path: str, config) -> dict:

@@ -2,32 +2,28 @@
 
 The merge itself is PaddleNLP's: a `LoRALinear` with `merge_weights` set adds `lora_A @ lora_B * scaling`
 to its weight when switched to eval, and `LoRAModel.restore_original_model` swaps the LoRA layers back
-for plain Linears holding those weights. `glm.lora.load_lora` first refuses an adapter that does not fit
-the base (PaddleNLP would load it as a no-op) or whose recorded base is another model.
+for plain Linears holding those weights. The loader (glm.loading) first refuses an adapter that does not
+fit the base (PaddleNLP would load it as a no-op) or whose recorded base is another model.
 """
 
 import os
 import shutil
 
+from paddlenlp.peft import LoRAModel
 from paddlenlp.peft.lora import LoRALinear
 
+from .errors import LoRAMergeError
 from .files import staged_directory
-from .loading import load_model
-from .lora import AdapterError, load_lora
+from .loading import load_model_and_tokenizer
 from .modeling import GLMForConditionalGeneration
 from .tokenization import TOKENIZER_FILES
 
-__all__ = ["LoRAMergeError", "merge_lora", "merge_lora_checkpoint"]
+__all__ = ["merge_lora", "merge_lora_checkpoint"]
 
 
-class LoRAMergeError(AdapterError):
-    """A base or adapter that cannot be merged; the message is one line written for the user."""
-
-
-def merge_lora(model: GLMForConditionalGeneration, lora_path: str, base_path=None, force=False) -> GLMForConditionalGeneration:
-    """`model` (loaded from `base_path`) with the adapter in `lora_path` folded into its Linear weights."""
-    lora_model = load_lora(model, lora_path, base_path, force)
-
+def merge_lora(lora_model: LoRAModel, lora_path: str) -> GLMForConditionalGeneration:
+    """The base of `lora_model` (the adapter in `lora_path`, applied) with the adapter folded into its
+    Linear weights."""
     # Merge in float32: exact for float32 bases, and Paddle's CPU has no half-precision matmul (an adapter
     # trained in bfloat16 on a GPU is merged on a CPU).
     lora_model.model.to(dtype="float32")
@@ -54,7 +50,8 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_dir: s
         raise LoRAMergeError(f"{model_name_or_path}: no config.json (expected a GLM checkpoint directory)")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise LoRAMergeError(f"{output_dir} exists and is not empty; choose a new --output_dir")
-    model = merge_lora(load_model(model_name_or_path), lora_path, model_name_or_path, force)
+    lora_model, _ = load_model_and_tokenizer(model_name_or_path, lora_path=lora_path, force=force, with_tokenizer=False)
+    model = merge_lora(lora_model, lora_path)
     # Written beside output_dir and renamed onto it (an empty directory) whole: a kill leaves no torn checkpoint.
     with staged_directory(output_dir, report) as staged:
         model.save_pretrained(staged)

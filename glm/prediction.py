@@ -1,99 +1,26 @@
-"""Answering GLM prompts with a checkpoint: the decoding flags, the settings a checkpoint was evaluated
-with, and the Predictor (model, adapter, input builder, generator) that predict_generation.py and the
-server share, so both answer a text exactly as finetuning's evaluation decodes it.
+"""Answering GLM prompts with a checkpoint: the Predictor (model, adapter, input builder, generator) that
+predict_generation.py and the server share, so both answer a text exactly as finetuning's evaluation
+decodes it, and the flags that choose the checkpoint (their defaults from its generation_settings.json).
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional
+from typing import List, Optional, Sequence
 
 import paddle
 
+from .cli.arguments import flag_names
+from .cli.console import say, shown
 from .errors import UserError
-from .generation import GenerationConfig, GLMGenerator, default_banned_ids, generate_answers
+from .generation import GLMGenerator, default_banned_ids, generate_answers
+from .generation_settings import GenerationArguments, apply_checkpoint_settings, describe_decoding
 from .inputs import MASK_TOKENS, GLMInputBuilder
 from .loading import load_model_and_tokenizer
-from .lora import load_lora
-from .training.console import say, shown
 
-__all__ = [
-    "GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding", "Predictor",
-    "CheckpointArguments", "resolve_settings", "load_predictor",
-]  # fmt: skip
+__all__ = ["Predictor", "CheckpointArguments", "resolve_settings", "load_predictor", "BLANK"]
 
 BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
-
-
-@dataclass
-class GenerationArguments:
-    """Decoding flags shared by finetune_generation.py (evaluation) and predict_generation.py (THUDM defaults)."""
-
-    decode_strategy: str = field(default="beam_search", metadata={"help": "beam_search, greedy_search or sampling."})
-    min_tgt_length: int = field(default=55, metadata={"help": "No end-of-piece before this many tokens."})
-    num_beams: int = field(default=5, metadata={"help": "Beam width."})
-    length_penalty: float = field(default=0.7, metadata={"help": "Beam score = logprob / length ** penalty."})
-    length_penalty_form: str = field(default="thudm", metadata={"help": "thudm: len**lp; gnmt: ((5+len)/6)**lp."})
-    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Never repeat a generated n-gram of this size."})
-    select_topk: bool = field(default=True, metadata={"help": "Beam candidates by top-k (else sampled)."})
-    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus mass (1.0 or 0: off)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    num_return_sequences: int = field(default=1, metadata={"help": "Answers kept per blank (prediction)."})
-
-    def config(self, tgt_length: int, seed: Optional[int] = None) -> GenerationConfig:
-        try:
-            return GenerationConfig(
-                decode_strategy=self.decode_strategy,
-                tgt_length=tgt_length,
-                min_tgt_length=self.min_tgt_length,
-                num_beams=self.num_beams,
-                length_penalty=self.length_penalty,
-                length_penalty_form=self.length_penalty_form,
-                select_topk=self.select_topk,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                temperature=self.temperature,
-                num_return_sequences=self.num_return_sequences,
-                seed=seed,
-            )
-        except ValueError as error:
-            raise UserError(str(error)) from None
-
-
-# Written by finetune_generation.py beside the model: the input lengths and decoding flags it was
-# evaluated with, which predict_generation.py takes as its defaults.
-GENERATION_SETTINGS = "generation_settings.json"
-
-
-def apply_checkpoint_settings(model_dir: str, given: Iterable[str], *targets) -> Optional[str]:
-    """Sets every field of `targets` (argument dataclasses) that `model_dir`'s GENERATION_SETTINGS names
-    and the user did not give (`given`: flag names without dashes); returns that file's path, or None
-    when the checkpoint has none."""
-    settings_file = os.path.join(model_dir, GENERATION_SETTINGS)
-    if not os.path.isfile(settings_file):
-        return None
-    with open(settings_file, encoding="utf-8") as f:
-        settings = json.load(f)
-    given = set(given)
-    for name, value in settings.items():
-        for target in targets:
-            if hasattr(target, name) and name not in given:
-                setattr(target, name, value)
-    return settings_file
-
-
-def describe_decoding(generation_args: GenerationArguments) -> str:
-    g = generation_args
-    if g.decode_strategy == "beam_search":
-        text = f"beam search {g.num_beams} beams, length_penalty {g.length_penalty} ({g.length_penalty_form})"
-    elif g.decode_strategy == "sampling":
-        text = f"sampling top_k {g.top_k} top_p {g.top_p} temperature {g.temperature}"
-    else:
-        text = g.decode_strategy
-    return f"{text}, min_tgt_length {g.min_tgt_length}, no_repeat_ngram_size {g.no_repeat_ngram_size}"
 
 
 class Predictor:
@@ -110,13 +37,10 @@ class Predictor:
             raise UserError(f"--dtype must be float32, float16 or bfloat16; got {dtype}")
         if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
             raise UserError(f"--dtype {dtype} needs a GPU: Paddle's CPU kernels have no half precision")
-        model, self.tokenizer = load_model_and_tokenizer(model_name_or_path, None if dtype == "float32" else dtype)
-        if lora_path:
-            model = load_lora(model, lora_path, model_name_or_path, force)
+        model, self.tokenizer = load_model_and_tokenizer(
+            model_name_or_path, None if dtype == "float32" else dtype, lora_path=lora_path, force=force,
+            lengths={"src_length": src_length, "tgt_length": tgt_length})
         model.eval()
-        for name, length in (("src_length", src_length), ("tgt_length", tgt_length)):
-            if length > model.config.max_sequence_length:
-                raise UserError(f"--{name} {length} exceeds the model's max_sequence_length {model.config.max_sequence_length}")
         try:
             self.builder = GLMInputBuilder(self.tokenizer, src_length, tgt_length, mask_token)
         except ValueError as error:
@@ -125,9 +49,10 @@ class Predictor:
         self.generator = GLMGenerator(model, self.builder.ids, default_banned_ids(model.config, self.tokenizer))
         self.batch_size = batch_size
 
-    def predict(self, texts: List[str], progress=None):
-        """Per text, the fields to add to its output row."""
-        answers = generate_answers(self.generator, self.builder, texts, self.config, self.batch_size, progress)
+    def predict(self, texts: List[str], progress=None, sources: Optional[Sequence[List[int]]] = None):
+        """Per text, the fields to add to its output row; `sources`, the texts' built source ids when the
+        caller has them already (else built here)."""
+        answers = generate_answers(self.generator, self.builder, texts, self.config, self.batch_size, progress, sources)
         return [self.output_fields(text, blanks) for text, blanks in zip(texts, answers)]
 
     def output_fields(self, text, blanks):
@@ -164,8 +89,7 @@ class CheckpointArguments:
 
 def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args: GenerationArguments, default_model: str):
     """Flags not in `argv` from the checkpoint's generation_settings.json; one line says what applies."""
-    given = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
-    settings_file = apply_checkpoint_settings(args.model_path(default_model), given, args, generation_args)
+    settings_file = apply_checkpoint_settings(args.model_path(default_model), flag_names(argv), args, generation_args)
     source = shown(settings_file) if settings_file else "built-in defaults"
     say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
         f"(flags given, then {source})")

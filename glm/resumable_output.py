@@ -1,17 +1,17 @@
 """A JSON Lines output that a killed run resumes: rows are appended to OUTPUT.partial as they finish,
 beside OUTPUT.partial.json, the fingerprint of what the rows were made from. A rerun continues the
 partial file only when its fingerprint is the same (else it refuses, or starts afresh when told to);
-the caller renames the partial file onto OUTPUT once every row is in."""
+`publish_rows` renames the partial file onto OUTPUT once every row is in."""
 
 import json
 import os
 from typing import Optional
 
+from .cli.console import say
 from .errors import UserError
-from .files import write_json_atomic
-from .training.console import say
+from .files import fsync_directory, write_json_atomic
 
-__all__ = ["files_signature", "resumable_rows", "completed_rows"]
+__all__ = ["files_signature", "resumable_rows", "completed_rows", "publish_rows"]
 
 
 def files_signature(directory: Optional[str]):
@@ -59,3 +59,10 @@ def completed_rows(partial: str) -> int:
         with open(partial, "wb") as f:
             f.write(keep)
     return keep.count(b"\n")
+
+
+def publish_rows(partial: str, output: str):
+    """The complete `partial` (its rows written and fsynced) becomes `output`; its fingerprint goes."""
+    os.replace(partial, output)
+    fsync_directory(os.path.dirname(os.path.abspath(output)))
+    os.unlink(partial + ".json")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import paddlenlp.transformers
 from paddlenlp.transformers import AutoTokenizer
 
-__all__ = ["GLMSpecialIds", "TokenizerError", "TOKENIZER_FILES", "load_tokenizer", "special_token_ids"]
+from .errors import TokenizerError
+
+__all__ = ["GLMSpecialIds", "TOKENIZER_FILES", "load_tokenizer", "special_token_ids"]
 
 # The files of PaddleNLP's GLM tokenizers: GLMChineseTokenizer (cog-pretrain.model), GLMGPT2Tokenizer,
 # GLMBertTokenizer.
@@ -21,10 +23,6 @@ TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "cog-pretrain.model", "vocab.json", "merges.txt", "vocab.txt",
 )  # fmt: skip
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be used for GLM (missing, or special tokens not distinct)."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from test_modeling import glm_inputs, relative_error
 from glm import GLMConfig, GLMForConditionalGeneration
 import glm.convert
 import glm.files
-from glm.convert import ConversionError, _bfloat16_to_float32, convert_checkpoint, read_safetensors, read_torch_bin
+from glm.errors import ConversionError
+from glm.convert import _bfloat16_to_float32, convert_checkpoint, read_safetensors, read_torch_bin
 from glm.files import CRASH_AT_VARIABLE, CRASH_SIGNAL_VARIABLE
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny_torch_glm")

@@ -191,13 +191,13 @@ def test_multiple_choice_accuracy_and_predictions(model_dir, tmp_path):
         (["--task", "bleu"], "--task must be one of multiple_choice, lm, lambada"),
         (["--task", "lm"], "--data_file is required"),
         (["--task", "lm", "--data_file", "/nonexistent.txt"], "/nonexistent.txt: no such file"),
-        (["--task", "lm", "--seq_length", "500"], "--seq_length must be 3..64"),
-        (["--task", "lm", "--seq_length", "10", "--overlapping_eval", "10"], "--overlapping_eval must be 1..9"),
+        (["--task", "lm", "--seq_length", "500"], "--seq_length 500 exceeds the model's max_sequence_length 64"),
+        (["--task", "lm", "--seq_length", "10", "--overlapping_eval", "10"], "--overlapping_eval must be between 1 and 9 (seq_length - 1); got 10"),
         (["--task", "lambada", "--bad_lambada"], "needs a context and a last word"),
         (["--task", "lambada", "--empty_file"], "empty.txt: no lines to score (the file is empty)"),
         (["--task", "lambada", "--blank_file"], "blank.txt: no lines to score (the file holds only whitespace)"),
-        (["--task", "lm", "--seq_length", "0"], "--seq_length must be 3..64 (the model's max); got 0"),
-        (["--task", "multiple_choice", "--src_length", "0", "--bad_choice"], "--src_length must be 4..64 (the model's max); got 0"),
+        (["--task", "lm", "--seq_length", "0"], "--seq_length must be between 3 and 64 (the model's max_sequence_length); got 0"),
+        (["--task", "multiple_choice", "--src_length", "0", "--bad_choice"], "--src_length must be between 4 and 64 (the model's max_sequence_length); got 0"),
         (["--task", "multiple_choice", "--bad_choice"], "dev.json:2: 'label' must be a choice index 0..1, got 2"),
         (["--task", "lm", "--lora_path", "/tmp"], "/tmp: no lora_config.json"),
         # An adapter refusal (glm.lora.AdapterError) is one line here too, as in predict.
@@ -231,3 +231,37 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys, flags, me
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
+
+
+def test_an_adapter_is_verified_against_its_base_as_predict_verifies_it(model_dir, tmp_path, capsys):
+    """evaluate.py loads through the one loader: an adapter recorded for another base of the same shape is
+    refused in one line (it used to be applied silently), --force applies it, the right base takes it."""
+    from glm.files import write_json_atomic
+    from glm.lora import BASE_FINGERPRINT, apply_lora, base_fingerprint
+
+    base = GLMForConditionalGeneration.from_pretrained(model_dir)
+    paddle.seed(5)
+    adapter = apply_lora(base, rank=4, alpha=8, target_modules=[".*query_key_value.*"])
+    for name, param in adapter.named_parameters():
+        if "lora_B" in name:  # a trained adapter: lora_B starts at zero
+            param.set_value(paddle.randn(param.shape) * 0.5)
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    write_json_atomic(str(tmp_path / "adapter" / BASE_FINGERPRINT), base_fingerprint(model_dir, base.config))
+    twin = tmp_path / "twin"  # same shapes, other weights
+    shutil.copytree(model_dir, twin)
+    state = paddle.load(str(twin / "model_state.pdparams"))
+    paddle.save({name: value + 0.01 for name, value in state.items()}, str(twin / "model_state.pdparams"))
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    flags = ["--task", "lm", "--data_file", str(text), "--lora_path", str(tmp_path / "adapter")]
+
+    with pytest.raises(SystemExit) as exit_:
+        run(*flags, "--model_name_or_path", str(twin))
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: adapter ") and "was trained on another base than" in last and "--force" in last
+    forced = run(*flags, "--model_name_or_path", str(twin), "--force", "true")
+    adapted = run(*flags, "--model_name_or_path", model_dir)
+    plain = run("--task", "lm", "--data_file", str(text), "--model_name_or_path", model_dir)
+    assert forced["tokens"] == adapted["tokens"] == plain["tokens"] > 0
+    assert adapted["perplexity"] != pytest.approx(plain["perplexity"], rel=1e-3)  # the adapter was applied

@@ -11,7 +11,8 @@ from conftest import shared_path
 from paddlenlp.transformers import GLMChineseTokenizer
 
 from glm.inputs import IGNORE_INDEX, GLMInputBuilder, collate_examples
-from glm.tokenization import TokenizerError, load_tokenizer, special_token_ids
+from glm.errors import TokenizerError
+from glm.tokenization import load_tokenizer, special_token_ids
 
 SPECIALS = {
     "[CLS]": 10, "<|endoftext|>": 11, "[MASK]": 12, "[sMASK]": 13, "[gMASK]": 14,

@@ -13,8 +13,9 @@ from conftest import ROOT, tiny_config_kwargs
 from test_modeling import glm_inputs, relative_error, train_steps
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.lora import AdapterError, apply_lora
-from glm.lora_merge import LoRAMergeError, merge_lora_checkpoint
+from glm.errors import AdapterError, LoRAMergeError
+from glm.lora import apply_lora
+from glm.lora_merge import merge_lora_checkpoint
 
 TARGETS = [".*query_key_value.*", ".*attention.dense.*", ".*mlp.*"]
 

@@ -60,7 +60,7 @@ from glm.inputs import MultipleChoiceBuilder
 from glm.loading import load_model_and_tokenizer
 from glm.tokenization import special_token_ids
 from glm.training.arguments import ModelArguments, parse_arguments
-from glm.training.driver import finish
+from glm.training.task import finish
 from glm.understanding.cloze import ClozeDataArguments, finetune_cloze
 from glm.understanding.language_model import lm_examples, lm_metrics, score_targets
 from glm.understanding.multiple_choice import build_choice_examples, choice_metrics, read_choice_rows, score_examples

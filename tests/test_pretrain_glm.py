@@ -6,6 +6,7 @@ finished by rerunning the same command."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def test_a_killed_preparation_leaves_nothing_a_run_accepts_and_a_rerun_finishes(
     source = os.path.join(ROOT, "demo_data", "train.json")
     killed = prepare_cli(tmp_path / "corpus", source, crash_at="prepare:chunk-written#2")
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(tmp_path)) == ["corpus.partial"]  # no corpus: open_corpus refuses the directory
+    staged = os.listdir(tmp_path)  # no corpus, the killed preparation's staging: open_corpus refuses the directory
+    assert len(staged) == 1 and re.fullmatch(r"corpus\.partial-\d+", staged[0]), staged
     again = prepare_cli(tmp_path / "corpus", source)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["corpus"]

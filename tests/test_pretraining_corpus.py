@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, shared_path
 
-from glm.errors import DataError, exit_on_user_error
+from glm.cli.process import exit_on_user_error
+from glm.errors import DataError
 from glm.pretraining.corpus import (CORPUS_FILE, INDEX_FILE, TOKENS_FILE, _start_worker, open_corpus, prepare_corpus,
                                     read_documents, sentencepiece_model)
 from glm.pretraining.objective import sentence_end_table
@@ -107,7 +108,7 @@ def test_what_is_not_a_whole_corpus_is_refused(demo_corpus, tokenizer, tmp_path)
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError, match=r"is not a prepared corpus \(no corpus.json\): prepare one with"):
         open_corpus(str(tmp_path / "plain"))
-    (tmp_path / "plain.partial").mkdir()
+    (tmp_path / "plain.partial-999999999").mkdir()  # what a killed preparation (a pid that is gone) left
     with pytest.raises(DataError, match="a preparation into it was interrupted"):
         open_corpus(str(tmp_path / "plain"))
     cut = tmp_path / "cut"

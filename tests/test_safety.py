@@ -18,11 +18,12 @@ from test_finetune import micro_data, micro_model, micro_weights_model, run  # n
 import glm
 import glm.files
 from glm.lora import base_fingerprint
-from glm.training.crash_safety import acquire_lock, checkpoint_problem, release_lock
+from glm.files import acquire_lock, release_lock
+from glm.training.checkpoints import checkpoint_problem
 from glm.training.curve import CURVE_FILE, plot_training_curve
-from glm.convert import ConversionError, read_safetensors, read_torch_bin
-from glm.loading import CheckpointError, load_model
-from glm.errors import UserError
+from glm.checkpoint import load_model
+from glm.convert import read_safetensors, read_torch_bin
+from glm.errors import CheckpointError, ConversionError, UserError
 from glm.files import write_json_atomic, write_jsonl_atomic
 from utils import generation_metrics
 

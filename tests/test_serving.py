@@ -16,10 +16,11 @@ import uvicorn
 from test_finetune import micro_model, micro_weights_model  # noqa: F401  (fixtures)
 
 import predict_generation
-from glm.prediction import BLANK, GenerationArguments, Predictor
+from glm.generation_settings import GenerationArguments
+from glm.prediction import BLANK, Predictor
 from glm.serving.app import ServeOptions, create_app
 from glm.serving.engine import Engine, QueueFull, Source, SourceListener
-from glm.serving.schema import CompletionRequest, decoding_config
+from glm.serving.protocol import CompletionRequest, decoding_config
 
 # The server's defaults, as predict's flags: --src_length 40 --tgt_length 12, beam search 2 beams.
 DEFAULTS = dict(decode_strategy="beam_search", num_beams=2, min_tgt_length=2, no_repeat_ngram_size=3, length_penalty=0.7)
@@ -219,7 +220,7 @@ def test_streamed_chunks_join_to_the_answer_through_the_openai_client(served):
             assert len(chunks) == 1
         else:  # one chunk per generated token, the last with the finish reason
             assert len(chunks) >= whole.usage.completion_tokens
-    with pytest.raises(openai.BadRequestError, match="max_tokens: must be between 1 and 128"):
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 500 exceeds the model's max_sequence_length 128"):
         client.completions.create(model="micro", prompt="x", max_tokens=500)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4", prompt="x")

@@ -29,7 +29,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import glm  # noqa: E402  (sets the CPU thread count before paddle is imported)
+from glm import GLMConfig  # noqa: E402
+from glm.cli.process import command  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 from paddlenlp.transformers import AutoTokenizer, GLMChineseTokenizer  # noqa: E402
 from paddlenlp.utils.log import logger as paddlenlp_logger  # noqa: E402
@@ -260,7 +261,7 @@ def describe(name, lengths):
 def save_config(model_dir, tokenizer_length, longest_example):
     # A sequence is source + <|startofpiece|> + target; keep a margin for longer user prompts.
     assert longest_example + 32 <= MAX_SEQUENCE_LENGTH, longest_example
-    config = glm.GLMConfig(
+    config = GLMConfig(
         architectures=["GLMForConditionalGeneration"],
         vocab_size=math.ceil(tokenizer_length / 64) * 64,  # padded like GLM's 50048; multiples of 64 run faster
         # 0.54M parameters: on 2 CPU cores ~0.45 s per step of 32 examples, and dev loss reaches the floor
@@ -322,7 +323,7 @@ def main(argv=None):
     parser.add_argument("--output_root", default=ROOT,
                         help=f"where {DATA_DIR}/ and {MODEL_DIR}/ go (default: the repository)")
     args = parser.parse_args(argv)
-    with quiet_paddlenlp():
+    with command(also=(OSError,)), quiet_paddlenlp():
         build(args.output_root)
 
 

@@ -12,9 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from glm.errors import exit_on_user_error  # noqa: E402
+from glm.cli.console import LOG_LEVELS, configure_logging  # noqa: E402
+from glm.cli.process import command  # noqa: E402
 from glm.lora_merge import merge_lora_checkpoint  # noqa: E402
-from glm.training.console import LOG_LEVELS, configure_logging  # noqa: E402
 
 
 def main(argv=None):
@@ -25,13 +25,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="merge an adapter recorded for another same-shaped base")
     parser.add_argument("--log_level", default="warning", choices=LOG_LEVELS, help="PaddleNLP's log lines (info: loading)")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
+    with command(also=(OSError,)):  # an OSError: e.g. a full disk while writing
         configure_logging(["--log_level", args.log_level])
-        try:
-            merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_dir, args.force)
-        except OSError as error:  # e.g. a full disk while writing
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+        merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_dir, args.force)
     print(f"merged {args.lora_path} into {args.model_name_or_path}: {args.output_dir}")
 
 

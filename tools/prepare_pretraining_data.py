@@ -17,13 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-import glm  # noqa: E402,F401  (first: sets the CPU thread count before paddle is imported)
-from paddlenlp.utils.log import logger  # noqa: E402
-
-from glm.errors import exit_on_user_error  # noqa: E402
+from glm.cli.console import progress_bar, shown  # noqa: E402
+from glm.cli.process import command  # noqa: E402
 from glm.pretraining.corpus import describe_preparation, prepare_corpus  # noqa: E402
 from glm.tokenization import load_tokenizer  # noqa: E402
-from glm.training.console import progress_bar, shown  # noqa: E402
+from paddlenlp.utils.log import logger  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --output_dir")
     args = parser.parse_args(argv)
     logger.set_level("WARNING")  # PaddleNLP's tokenizer loading lines
-    with exit_on_user_error():
+    with command():
         tokenizer = load_tokenizer(args.model_name_or_path)
         started = time.time()
         total = sum(os.path.getsize(path) for path in args.input if os.path.isfile(path)) / 2**20

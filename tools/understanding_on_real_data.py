@@ -38,7 +38,6 @@ def build_model_dir(path, hidden_size, num_layers, max_sequence_length):
     """The real tokenizer saved the PaddleNLP way and a small GLM's seeded random weights: every stage
     (and the "before" evaluation) starts from the same model."""
     sys.path.insert(0, ROOT)
-    import glm  # noqa: F401
     import paddle
     from paddlenlp.transformers import GLMChineseTokenizer
 

@@ -5,9 +5,9 @@ document index (the Megatron / PaddleNLP `.bin` + `.idx` idea), with a metadata 
     DIR/tokens.idx   int64 offsets, documents + 1 of them: document i is tokens[idx[i]:idx[i + 1]]
     DIR/corpus.json  the format, counts, the token dtype and the tokenizer's fingerprint
 
-Preparation writes into `DIR.partial` and renames it to `DIR` only when every file is on disk, so a killed
-preparation leaves nothing training would accept (`open_corpus` refuses a directory without a complete
-corpus.json). Reading maps both files: a window reads the pages it touches, never the whole corpus.
+Preparation writes into `DIR.partial-PID` and renames it to `DIR` only when every file is on disk
+(glm.files.staged_directory), so a killed preparation leaves nothing training would accept (`open_corpus`
+refuses a directory without a complete corpus.json), and the next preparation removes what it left. Reading maps both files: a window reads the pages it touches, never the whole corpus.
 
 Documents are tokenized with the tokenizer's sentencepiece model as plain text: a literal "[MASK]" or
 "<|endoftext|>" in the text stays text, so no document can smuggle a special token (an <|endoftext|>
@@ -19,7 +19,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import threading
 import time
@@ -27,10 +26,11 @@ from array import array
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from paddlenlp.utils.log import logger
 
-from glm.errors import DataError
-from glm.files import crash_point, file_sha256
-from glm.jsonl import decode_line, parse_json_line
+from ..errors import DataError
+from ..files import crash_point, file_sha256, fsync_file, leftover_pid, process_alive, staged_directory
+from ..jsonl import decode_line, parse_json_line
 
 __all__ = [
     "CORPUS_FILE", "TOKENS_FILE", "INDEX_FILE", "FORMAT", "PretrainingCorpus", "open_corpus", "prepare_corpus",
@@ -42,7 +42,6 @@ TOKENS_FILE = "tokens.bin"
 INDEX_FILE = "tokens.idx"
 FORMAT = "glm-paddle pretraining corpus"
 VERSION = 1
-PARTIAL = ".partial"
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_LINES_SUFFIXES = (".jsonl", ".json")
 CHUNK_DOCUMENTS = 512  # documents per worker task: large enough to amortise the inter-process transfer
@@ -223,17 +222,9 @@ def prepare_corpus(paths: Sequence[str], output_dir: str, tokenizer, text_key: s
             raise DataError(f"{path}: no such file" + (" (a directory: name its files)" if os.path.isdir(path) else ""))
     _check_output(output_dir, overwrite)
     model = sentencepiece_model(tokenizer)
-    staged = output_dir.rstrip(os.sep) + PARTIAL
-    shutil.rmtree(staged, ignore_errors=True)  # what a killed preparation left
-    os.makedirs(staged)
-    try:
-        metadata = _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_documents, workers, progress)
-    except BaseException:  # bad input or an interrupt: nothing is left behind (a kill leaves DIR.partial only)
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    crash_point("prepare:before-rename")
-    _publish(staged, output_dir)
-    return metadata
+    # A kill leaves DIR.partial-PID only; bad input or an interrupt leaves nothing.
+    with staged_directory(output_dir, report=logger.warning, crash_name="prepare") as staged:
+        return _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_documents, workers, progress)
 
 
 def _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_documents, workers, progress) -> dict:
@@ -248,10 +239,10 @@ def _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_document
             if progress:
                 progress(used)
             crash_point("prepare:chunk-written")
-        _flush(tokens_file)
+        fsync_file(tokens_file)
     with open(os.path.join(staged, INDEX_FILE), "wb") as index_file:
         index_file.write(np.frombuffer(offsets, dtype=np.int64).tobytes())
-        _flush(index_file)
+        fsync_file(index_file)
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -268,7 +259,7 @@ def _write_corpus(paths, staged, tokenizer, model, text_key, blank_line_document
     with open(os.path.join(staged, CORPUS_FILE), "w", encoding="utf-8") as f:
         json.dump(metadata, f, ensure_ascii=False, indent=2)
         f.write("\n")
-        _flush(f)
+        fsync_file(f)
     return metadata
 
 
@@ -306,31 +297,20 @@ def _check_output(output_dir: str, overwrite: bool):
         raise DataError(f"--output_dir {output_dir} already holds {what}: pass --overwrite to replace it, or another directory")
 
 
-def _flush(f):
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _publish(staged: str, output_dir: str):
-    """`staged` becomes `output_dir`; a replaced corpus stays whole until the new one is in place."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    previous = None
-    if os.path.exists(output_dir):
-        previous = output_dir.rstrip(os.sep) + ".replaced"
-        shutil.rmtree(previous, ignore_errors=True)
-        os.rename(output_dir, previous)
-    os.rename(staged, output_dir)
-    descriptor = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    if previous:
-        shutil.rmtree(previous)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Reading.
+
+
+def _staged_note(path: str) -> str:
+    """What a preparation into `path` that did not finish left beside it, said for the user."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pids = [leftover_pid(entry, name) for entry in (os.listdir(parent) if os.path.isdir(parent) else [])]
+    pids = [pid for pid in pids if pid is not None]
+    if any(process_alive(pid) for pid in pids):
+        return f"; it is being prepared (pid {next(pid for pid in pids if process_alive(pid))}): wait for it"
+    if pids:
+        return "; a preparation into it was interrupted: run it again"
+    return ": prepare one with tools/prepare_pretraining_data.py"
 
 
 class PretrainingCorpus:
@@ -371,12 +351,7 @@ def open_corpus(path: str) -> PretrainingCorpus:
         raise DataError(f"{path}: no such corpus directory (prepare one with tools/prepare_pretraining_data.py)")
     metadata_path = os.path.join(path, CORPUS_FILE)
     if not os.path.isfile(metadata_path):
-        interrupted = os.path.isdir(path.rstrip(os.sep) + PARTIAL)
-        raise DataError(
-            f"{path} is not a prepared corpus (no {CORPUS_FILE})"
-            + ("; a preparation into it was interrupted: run it again" if interrupted else
-               ": prepare one with tools/prepare_pretraining_data.py")
-        )
+        raise DataError(f"{path} is not a prepared corpus (no {CORPUS_FILE})" + _staged_note(path))
     try:
         with open(metadata_path, encoding="utf-8") as f:
             metadata = json.load(f)

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 from paddle.io import Dataset
 
-from glm.inputs import collate_examples
+from ..inputs import collate_examples
 
 from .objective import OBJECTIVES, BlankInfillingBuilder, PretrainingExample
 from .windows import WindowSampler

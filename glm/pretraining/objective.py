@@ -20,8 +20,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from glm.inputs import IGNORE_INDEX, GLMExample
-from glm.tokenization import GLMSpecialIds
+from ..bounds import RATIO
+from ..inputs import IGNORE_INDEX, GLMExample
+from ..tokenization import GLMSpecialIds
 
 __all__ = [
     "OBJECTIVES", "SENTENCE_END_CHARACTERS", "MAX_BLOCK_LENGTH", "PretrainingArguments", "PretrainingExample",
@@ -56,9 +57,9 @@ class PretrainingArguments:
     def problem(self) -> Optional[str]:
         """What is wrong with these flags, in one line, or None."""
         for name in ("bert_prob", "gap_sentence_prob", "bert_ratio", "gap_sentence_ratio", "gpt_min_ratio", "short_seq_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                return f"--{name} must be between 0 and 1; got {value}"
+            problem = RATIO.problem(getattr(self, name))
+            if problem:
+                return f"--{name} {problem}"
         if self.bert_prob + self.gap_sentence_prob > 1.0 + 1e-9:
             return (f"--bert_prob {self.bert_prob} + --gap_sentence_prob {self.gap_sentence_prob} exceed 1 "
                     "(the document objective takes the rest)")

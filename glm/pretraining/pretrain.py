@@ -1,5 +1,5 @@
-"""A pretraining run on the shared driver (glm.training): the corpus and flags checked before anything is
-written, --dump_examples, the sequential stream, and evaluation by held-out loss per objective.
+"""A pretraining run on the task skeleton (glm.training.task): the corpus and flags checked before anything
+is written, --dump_examples, the sequential stream, and evaluation by held-out loss per objective.
 
 Everything that can be refused is refused before --output_dir is touched: a directory that is not a
 prepared corpus, a tokenizer other than the corpus's, a --seq_length above the model's maximum, objective
@@ -13,27 +13,26 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import paddle
 from paddlenlp.datasets import MapDataset
-from paddlenlp.trainer import set_seed
 from paddlenlp.trainer.trainer_utils import EvalLoopOutput
-from paddlenlp.transformers import AutoTokenizer
 from paddlenlp.utils.batch_sampler import DistributedBatchSampler
 
+from ..bounds import COUNT, check_flag, check_lengths
+from ..checkpoint import load_checkpoint_tokenizer
+from ..cli import console
 from ..configuration import GLMConfig
 from ..errors import DataError, UserError
 from ..files import write_jsonl_atomic
-from ..tokenization import load_tokenizer, special_token_ids
-from ..training import console
-from ..training.arguments import resolve_amp
-from ..training.driver import last_checkpoint_to_resume, load_for_training, train_and_evaluate
-from ..training.run_record import directory_fingerprint, model_fingerprint, run_settings
+from ..tokenization import GLMSpecialIds, special_token_ids
+from ..training.run_record import directory_fingerprint, model_fingerprint
+from ..training.task import Task, TaskData, run_task
 from ..training.trainer import GLMTrainer
 from ..understanding.language_model import score_targets
-from .corpus import ensure_corpus, open_corpus
+from .corpus import PretrainingCorpus, ensure_corpus, open_corpus
 from .dataset import BatchCollator, PretrainingDataset, held_out_examples, training_examples
 from .objective import OBJECTIVES, BlankInfillingBuilder, sentence_end_table
 from .windows import WindowSampler
 
-__all__ = ["CorpusArguments", "PretrainingTrainer", "pretrain", "prepare_on_demand", "PRETRAINING_SETTINGS"]
+__all__ = ["CorpusArguments", "PretrainingTrainer", "PretrainingTask", "pretrain", "prepare_on_demand", "PRETRAINING_SETTINGS"]
 
 PRETRAINING_SETTINGS = "pretraining_settings.json"  # beside the model: the objective's flags and the corpus
 METRIC_LABELS = {f"loss_{objective}": f"{objective} loss" for objective in OBJECTIVES} | {"loss": "eval loss"}
@@ -107,22 +106,33 @@ class PretrainingTrainer(GLMTrainer):
                               metrics=metrics)
 
 
-def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(), task_recipe=None, prepare=None):
-    """The run (or, with --dump_examples, the examples it would draw); None when nothing was trained.
-    `prepare(tokenizer)`, if given, makes corpora on demand (prepare_on_demand) once the flags are known to be
-    good."""
+@dataclass
+class Stream:
+    """What pretraining reads, opened and checked: the corpus, its stream of windows, the collator that
+    builds their examples, the model's tokenizer and special ids."""
+
+    corpus: PretrainingCorpus
+    stream: PretrainingDataset
+    collator: BatchCollator
+    builder: BlankInfillingBuilder
+    tokenizer: object
+    ids: GLMSpecialIds
+    sentence_end: object
+
+
+def open_stream(model_args, corpus_args, objective_args, training_args, prepare=None) -> Stream:
+    """Every flag and the corpus checked (nothing is written), corpora made on demand (`prepare(tokenizer)`,
+    prepare_on_demand, once the flags are known to be good), and the stream of training windows."""
     problem = objective_args.problem()
     if problem:
         raise UserError(problem)
-    if corpus_args.eval_windows < 1 or corpus_args.dump_count < 1:
-        raise UserError("--eval_windows and --dump_count must be at least 1")
+    for name in ("eval_windows", "dump_count"):
+        check_flag(name, getattr(corpus_args, name), COUNT)
     if not corpus_args.corpus_dir:
         raise UserError("--corpus_dir is required (prepare one with tools/prepare_pretraining_data.py)")
-    tokenizer = model_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_checkpoint_tokenizer(model_args.model_name_or_path)
     limit = GLMConfig.from_pretrained(model_args.model_name_or_path).max_sequence_length
-    if objective_args.seq_length > limit:
-        raise UserError(f"--seq_length {objective_args.seq_length} exceeds the model's max_sequence_length {limit}: "
-                        f"pass --seq_length {limit} or less")
+    check_lengths({"seq_length": objective_args.seq_length}, limit)
     if prepare is not None:
         prepare(tokenizer)
     ids, sentence_end = special_token_ids(tokenizer), sentence_end_table(tokenizer)
@@ -130,62 +140,85 @@ def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(
     corpus = checked_corpus(corpus_args.corpus_dir, tokenizer, model_args.model_name_or_path, objective_args.seq_length)
     windows = WindowSampler(corpus, objective_args.seq_length, ids, sentence_end, training_args.seed)
     collator = BatchCollator(builder, training_args.seed, ids.pad)
-    stream = PretrainingDataset(windows, 0)
-    if corpus_args.dump_examples:
-        return dump_examples(corpus_args, stream, collator, training_args.per_device_train_batch_size)
+    return Stream(corpus, PretrainingDataset(windows, 0), collator, builder, tokenizer, ids, sentence_end)
 
-    held_out = None
-    if training_args.do_eval or corpus_args.eval_before_training:
-        if not corpus_args.eval_corpus_dir:
-            raise UserError("evaluation needs a held-out corpus: pass --eval_corpus_dir, or --do_train alone")
-        eval_corpus = checked_corpus(corpus_args.eval_corpus_dir, tokenizer, model_args.model_name_or_path,
-                                     objective_args.seq_length)
-        eval_windows = WindowSampler(eval_corpus, objective_args.seq_length, ids, sentence_end, training_args.seed)
-        held_out = held_out_examples(eval_windows, builder, training_args.seed, corpus_args.eval_windows)
-    if training_args.max_steps <= 0:  # an epoch is one pass of windows over the corpus
-        training_args.max_steps = math.ceil(training_args.num_train_epochs * stream.samples_per_epoch
-                                            / samples_per_step(training_args))
-    stream.length = training_args.max_steps * samples_per_step(training_args)
 
-    dtype = resolve_amp(training_args)
-    resume = last_checkpoint_to_resume(training_args, run_settings(
-        (model_args, corpus_args, objective_args, training_args),
-        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
-                "corpus_dir": directory_fingerprint(corpus.path)},
-    ))
-    set_seed(training_args.seed)
-    model, _ = load_for_training(model_args, dtype, {"seq_length": objective_args.seq_length}, task_recipe=task_recipe,
-                                 label_smoothing=model_args.label_smoothing)
-    trainer = PretrainingTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=stream if training_args.do_train else None,
-        # The Trainer evaluates only with an eval_dataset; evaluation_loop scores `held_out` itself.
-        eval_dataset=MapDataset([e.features() for examples in held_out.values() for e in examples]) if held_out else None,
-        tokenizer=tokenizer,
-        data_collator=collator,
-        callbacks=list(callbacks),
-        held_out=held_out,
-        mixture=objective_args.mixture(),
-        pad_id=ids.pad,
-        lr_decay_ratio=model_args.lr_decay_ratio,
-    )
-    mixture = ", ".join(f"{objective} {share:g}" for objective, share in objective_args.mixture().items())
-    settings = {"objective": asdict(objective_args), "corpus": corpus.metadata}
-    train_and_evaluate(
-        trainer, resume, half_precision=dtype is not None, eval_before_training=corpus_args.eval_before_training,
-        extra_files={PRETRAINING_SETTINGS: settings},
-        about={
-            "model": console.describe_model(model_args, model),
+class PretrainingTask(Task):
+    """Blank-infilling pretraining on the task skeleton: the stream in order, the held-out loss per objective."""
+
+    trainer_class = PretrainingTrainer
+    metric_labels = METRIC_LABELS
+
+    def __init__(self, model_args, corpus_args, objective_args, training_args, stream: Stream,
+                 given_flags=frozenset(), default_recipe=None):
+        super().__init__(model_args, training_args, given_flags)
+        self.corpus_args, self.objective_args, self.default_recipe = corpus_args, objective_args, default_recipe
+        self.opened, self.held_out = stream, None
+
+    def prepare(self):
+        corpus_args, objective_args, training_args, opened = (self.corpus_args, self.objective_args, self.training_args,
+                                                              self.opened)  # fmt: skip
+        if training_args.do_eval or corpus_args.eval_before_training:
+            if not corpus_args.eval_corpus_dir:
+                raise UserError("evaluation needs a held-out corpus: pass --eval_corpus_dir, or --do_train alone")
+            eval_corpus = checked_corpus(corpus_args.eval_corpus_dir, opened.tokenizer, self.model_args.model_name_or_path,
+                                         objective_args.seq_length)
+            eval_windows = WindowSampler(eval_corpus, objective_args.seq_length, opened.ids, opened.sentence_end,
+                                         training_args.seed)
+            self.held_out = held_out_examples(eval_windows, opened.builder, training_args.seed, corpus_args.eval_windows)
+        if training_args.max_steps <= 0:  # an epoch is one pass of windows over the corpus
+            training_args.max_steps = math.ceil(training_args.num_train_epochs * opened.stream.samples_per_epoch
+                                                / samples_per_step(training_args))
+        opened.stream.length = training_args.max_steps * samples_per_step(training_args)
+
+    def recorded_arguments(self):
+        return (self.corpus_args, self.objective_args)
+
+    def inputs(self):
+        return {"model_name_or_path": model_fingerprint(self.model_args.model_name_or_path),
+                "corpus_dir": directory_fingerprint(self.opened.corpus.path)}
+
+    def lengths(self):
+        return {"seq_length": self.objective_args.seq_length}
+
+    def config_overrides(self):
+        return {"label_smoothing": self.model_args.label_smoothing}
+
+    def eval_before_training(self):
+        return self.corpus_args.eval_before_training
+
+    def data(self, tokenizer) -> TaskData:
+        corpus, stream, held_out = self.opened.corpus, self.opened.stream, self.held_out
+        mixture = ", ".join(f"{objective} {share:g}" for objective, share in self.objective_args.mixture().items())
+        about = {
             "corpus": f"{console.shown(corpus.path)}: {corpus.describe()}, {stream.samples_per_epoch:,} windows "
-                      f"of {objective_args.seq_length} (an epoch)",
+                      f"of {self.objective_args.seq_length} (an epoch)",
             "blanks": f"{mixture} of the batches",
-            **({"held-out": f"{console.shown(corpus_args.eval_corpus_dir)}: {corpus_args.eval_windows} windows per "
-                            f"objective"} if held_out else {}),
-        },
-        metric_labels=METRIC_LABELS,
-    )
-    return trainer
+        }
+        if held_out:
+            about["held-out"] = f"{console.shown(self.corpus_args.eval_corpus_dir)}: {self.corpus_args.eval_windows} " \
+                                "windows per objective"
+        return TaskData(
+            stream if self.training_args.do_train else None,
+            # The Trainer evaluates only with an eval_dataset; evaluation_loop scores `held_out` itself.
+            MapDataset([e.features() for examples in held_out.values() for e in examples]) if held_out else None,
+            self.opened.collator,
+            trainer_arguments=dict(held_out=held_out, mixture=self.objective_args.mixture(), pad_id=self.opened.ids.pad),
+            about=about,
+            extra_files={PRETRAINING_SETTINGS: {"objective": asdict(self.objective_args), "corpus": corpus.metadata}},
+        )
+
+
+def pretrain(model_args, corpus_args, objective_args, training_args, callbacks=(), task_recipe=None, prepare=None,
+             given_flags=frozenset()):
+    """The run (or, with --dump_examples, the examples it would draw); None when nothing was trained.
+    `prepare(tokenizer)`, if given, makes corpora on demand (prepare_on_demand) once the flags are known to be
+    good; `given_flags`, the flags the user typed."""
+    stream = open_stream(model_args, corpus_args, objective_args, training_args, prepare)
+    if corpus_args.dump_examples:
+        return dump_examples(corpus_args, stream.stream, stream.collator, training_args.per_device_train_batch_size)
+    task = PretrainingTask(model_args, corpus_args, objective_args, training_args, stream, given_flags, task_recipe)
+    return run_task(task, callbacks)
 
 
 def prepare_on_demand(sources: Dict[str, str], text_key: str, tokenizer, corpus_args, training_args):
@@ -206,15 +239,6 @@ def prepare_on_demand(sources: Dict[str, str], text_key: str, tokenizer, corpus_
                 console.say(f"prepared {console.shown(path)} from {console.shown(sources[path])}")
     if wanted and training_args.world_size > 1:
         paddle.distributed.barrier()  # the other workers open it once it is there
-
-
-def model_tokenizer(model_name_or_path: str):
-    """The model's tokenizer, checked for GLM (a directory, or a PaddleNLP name)."""
-    if os.path.isdir(model_name_or_path):
-        return load_tokenizer(model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    special_token_ids(tokenizer)
-    return tokenizer
 
 
 def checked_corpus(path: str, tokenizer, tokenizer_path: str, seq_length: int):

@@ -10,7 +10,7 @@ at least half of it (right_strip_seq). A shorter one is followed by further draw
 
 import numpy as np
 
-from glm.tokenization import GLMSpecialIds
+from ..tokenization import GLMSpecialIds
 
 from .corpus import PretrainingCorpus
 

@@ -10,7 +10,7 @@ thread hand-overs per step), collects the model call each one is waiting on, and
   * encoding a source, `<|startofpiece|>` and the answers put into memory between blanks: one forward
     per source, exactly as predict with --batch_size 1 runs it;
   * one decoding step of every source that is decoding, whatever its strategy, beam width, memory length
-    or generated count: ONE forward (glm.modeling.DecodingCacheGroup and DecodingMaskGroup: the rows of
+    or generated count: ONE forward (glm.decoding_cache.DecodingCacheGroup and DecodingMaskGroup: the rows of
     all sources go through every weight matmul together; each source attends over its own cache).
 
 While anything decodes, the LM head is packed once for `max_rows` rows (glm/packed_gemm.py), and the
@@ -34,7 +34,7 @@ from greenlet import greenlet
 from paddlenlp.utils.log import logger
 
 from ..generation import GenerationConfig, GLMGenerator, _DecodingRows, rows_per_source
-from ..modeling import DecodingCache, DecodingCacheGroup, DecodingMaskGroup
+from ..decoding_cache import DecodingCache, DecodingCacheGroup, DecodingMaskGroup
 from ..packed_gemm import packed_transposed
 
 __all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull"]

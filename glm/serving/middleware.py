@@ -3,20 +3,16 @@ API key; the body size limit. Pure ASGI (not Starlette's BaseHTTPMiddleware), so
 through untouched and a client's disconnect still reaches the endpoint."""
 
 import hmac
-import json
 import time
 
-__all__ = ["Observed", "RequireApiKey", "BodyLimit", "error_body", "ENDPOINTS"]
+from .protocol import error_body
+
+__all__ = ["Observed", "RequireApiKey", "BodyLimit", "ENDPOINTS"]
 
 ENDPOINTS = ("/", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/fill", "/score")
 # Paths that need no key: liveness (a balancer's probe), and the page, a static file a browser loads
 # without headers (every call it makes sends the key typed into it).
 OPEN_PATHS = ("/health", "/")
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param=None) -> bytes:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": None}}).encode()
 
 
 async def _respond(send, status: int, body: bytes, headers=()):

@@ -1,11 +1,13 @@
-"""Finetuning GLM with the PaddleNLP Trainer: what every task script (generation, cloze, pretraining)
-shares.
+"""Training GLM with the PaddleNLP Trainer: the skeleton every task (generation, cloze, pretraining) plugs
+into.
 
-  arguments.py     the shared flags; a recipe JSON followed by overriding flags
-  trainer.py       GLMTrainer: THUDM's schedule, resumable shuffle, complete-only checkpoints, NaN guard
-  driver.py        resume, loading with LoRA, train -> save -> evaluate, data-parallel exit
-  crash_safety.py  the output-dir lock, staged checkpoints and final saves, the newest complete checkpoint
-  run_record.py    what determines a run's result, recorded with each checkpoint; a resume that differs is refused
-  console.py       what a run prints: header, progress bars, the results table, the files
-  curve.py         training_curve.png
+  task.py         Task and run_task: precision, resume, seed, loading, data, trainer, train and evaluate
+  arguments.py    the shared flags; a recipe JSON followed by overriding flags
+  resume.py       where a run starts (a decision that only reads), and what it does to --output_dir
+  driver.py       once loaded: untrained score, train, save the final model, evaluate, record
+  trainer.py      GLMTrainer: THUDM's schedule, resumable shuffle, complete-only checkpoints, NaN guard
+  checkpoints.py  staged checkpoints and final saves, the newest complete checkpoint
+  run_record.py   what determines a run's result, recorded with each checkpoint; a resume that differs is refused
+  console.py      what a run prints: header, progress bar, the results table, the files
+  curve.py        training_curve.png
 """

@@ -1,22 +1,24 @@
-"""The flags every finetuning task shares, and how a run's command line is read: a recipe JSON followed
-by overriding flags, or flags on top of the task's embedded default recipe."""
+"""The flags every training task shares, and how a run's command line is read: a recipe JSON followed by
+overriding flags, or flags on top of the task's embedded default recipe (glm.cli.arguments), with the
+training-specific rules on top (do_train/do_eval, evaluation at the end, a named model's defaults)."""
 
 import json
 import os
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import paddle
-from paddlenlp.trainer import PdArgumentParser
 from paddlenlp.trainer.trainer_utils import IntervalStrategy
 from paddlenlp.utils.log import logger
 
+from ..bounds import COUNT, check_flag
+from ..cli.arguments import command_line, parser_for
+from ..cli.console import DropLogMessage, configure_logging, say, shown
 from ..errors import UserError
+from ..generation_settings import apply_checkpoint_settings
 from ..lora import DEFAULT_LORA_TARGETS
-from ..prediction import apply_checkpoint_settings
-from . import console
 
-__all__ = ["ModelArguments", "DatasetArguments", "parse_arguments", "resolve_amp"]
+__all__ = ["ModelArguments", "DatasetArguments", "ParsedArguments", "parse_arguments", "resolve_amp"]
 
 
 @dataclass
@@ -63,56 +65,54 @@ class DatasetArguments:
     free_flags: ClassVar[Tuple[str, ...]] = ("skip_bad_rows", "max_eval_samples", "eval_before_training")
 
     def __post_init__(self):
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            raise ValueError(f"--max_eval_samples must be at least 1; got {self.max_eval_samples}")
+        if self.max_eval_samples is not None:
+            check_flag("max_eval_samples", self.max_eval_samples, COUNT)
+
+
+class ParsedArguments(tuple):
+    """The parsed argument dataclasses, in the order asked for (it unpacks as a tuple), and `given_flags`:
+    the names of the flags the user typed (an explicit --do_eval evaluates a finished run again)."""
+
+    given_flags: FrozenSet[str]
+
+    def __new__(cls, parsed, given_flags):
+        instance = super().__new__(cls, parsed)
+        instance.given_flags = frozenset(given_flags)
+        return instance
 
 
 def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, defaults: Optional[Dict[str, str]] = None,
-                    lengths: Sequence[str] = (), checkpoint_settings: bool = False):
-    """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
-    `default_argv` (the embedded default recipe, then its output dir): every flag, the tiny model and its
-    lengths stay together. With --model_name_or_path and no recipe, the dataclass defaults apply (THUDM's
-    glm-large-chinese recipe), except that with `checkpoint_settings` the fields a model directory's
-    generation_settings.json names (the lengths and decoding it was trained with) take its values, as in
-    predict; and the `lengths` fields above the model's max_sequence_length come down to it, with a note.
-    Flags the user gave are never changed. `defaults` ({flag: value}) are the task's own defaults of the
-    dataclass fields, such as its model and dataset paths in the checkout. An explicit `--do_eval false`
-    also turns off a recipe's eval_before_training (unless --eval_before_training is given too). The
-    names of the flags the user gave are kept as training_args.given_flags. Also sets the log level
+                    lengths: Sequence[str] = (), checkpoint_settings: bool = False) -> ParsedArguments:
+    """`RECIPE.json [--flag value ...]`, or flags alone (glm.cli.arguments.command_line): flags alone without
+    --model_name_or_path override `default_argv` (the embedded default recipe, then its output dir). With
+    --model_name_or_path and no recipe, the dataclass defaults apply (THUDM's glm-large-chinese recipe),
+    except that with `checkpoint_settings` the fields a model directory's generation_settings.json names
+    (the lengths and decoding it was trained with) take its values, as in predict; and the `lengths`
+    fields above the model's max_sequence_length come down to it, with a note. Flags the user gave are
+    never changed. `defaults` ({flag: value}) are the task's own defaults of the dataclass fields, such
+    as its model and dataset paths in the checkout. An explicit `--do_eval false` also turns off a
+    recipe's eval_before_training (unless --eval_before_training is given too). Also sets the log level
     (ConsoleArguments, parsed here and not returned)."""
     default_recipe = default_argv[0]
-    parser = PdArgumentParser(
-        tuple(dataclass_types) + (console.ConsoleArguments,),
-        formatter_class=console.HelpFormatter,
+    parser = parser_for(
+        dataclass_types,
         description=f"Give a recipe (configs/*.json) first; flags after it override it. Without a recipe and "
-        f"without --model_name_or_path, flags override the embedded default {console.shown(default_recipe)} "
+        f"without --model_name_or_path, flags override the embedded default {shown(default_recipe)} "
         f"(its values, not the defaults below, apply). With --model_name_or_path and no recipe, the defaults "
         f"below (THUDM's glm-large-chinese recipe) apply.",
     )
     parser.set_defaults(**(defaults or {}))
-    given = list(argv)
-    if given and given[0].endswith(".json"):
-        recipe, user_flags = given[0], given[1:]
-        if not os.path.isfile(recipe):
-            raise UserError(f"{recipe}: no such recipe file")
-        flags = user_flags
-    elif any(arg.split("=")[0] == "--model_name_or_path" for arg in given):
-        recipe, user_flags = None, given
-        flags = user_flags
-    else:
-        recipe, user_flags = default_recipe, given
-        flags = list(default_argv[1:]) + user_flags
-    argv = (parser.read_json(recipe) if recipe else []) + flags
-    console.configure_logging(argv)
-    evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in argv)
+    line = command_line(argv, default_argv, parser)
+    configure_logging(line.argv)
+    evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in line.argv)
     # PaddleNLP turns do_eval into an evaluation every logging_steps, with a warning; here do_eval means
     # one evaluation at the end (it decodes or scores the whole dev set, which costs far more than a loss
     # pass), so that warning would contradict what runs.
-    misleading = console.DropLogMessage("evaluation_strategy reset to")
+    misleading = DropLogMessage("evaluation_strategy reset to")
     if evaluation_at_end:
         logger.logger.addFilter(misleading)
     try:
-        *parsed, _ = parser.common_parse(argv, False)  # ConsoleArguments: read by configure_logging
+        *parsed, _ = parser.common_parse(line.argv, False)  # ConsoleArguments: read by configure_logging
     except ValueError as error:  # unknown flags, bad values
         raise UserError(str(error).splitlines()[0]) from None
     finally:
@@ -127,20 +127,19 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
         training_args.do_train = training_args.do_eval = True
     if evaluation_at_end:
         training_args.evaluation_strategy = IntervalStrategy.NO
-    given = frozenset(arg[2:].split("=")[0] for arg in user_flags if arg.startswith("--"))
-    training_args.given_flags = given  # an explicit --do_eval evaluates a finished run again (driver.py)
+    given = line.given
     if "do_eval" in given and not training_args.do_eval and "eval_before_training" not in given:
         for arguments in parsed:
             if hasattr(arguments, "eval_before_training"):
                 arguments.eval_before_training = False  # --do_eval false: no decoding, not even before training
-    if recipe is None:
+    if line.recipe is None:
         source = "none: " + model_defaults(parsed, given, lengths, checkpoint_settings)
     else:
-        embedded = os.path.abspath(recipe) == os.path.abspath(default_recipe)
-        source = console.shown(recipe) + (" (the embedded default)" if embedded else "")
+        embedded = os.path.abspath(line.recipe) == os.path.abspath(default_recipe)
+        source = shown(line.recipe) + (" (the embedded default)" if embedded else "")
     if training_args.should_log:
-        console.say(f"recipe   {source}" + (f" + {' '.join(user_flags)}" if user_flags else ""))
-    return tuple(parsed)
+        say(f"recipe   {source}" + (f" + {' '.join(line.user_flags)}" if line.user_flags else ""))
+    return ParsedArguments(parsed, given)
 
 
 def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:
@@ -149,7 +148,7 @@ def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: b
     source = "the built-in defaults (THUDM's glm-large-chinese recipe)"
     settings_file = apply_checkpoint_settings(model, given, *parsed) if checkpoint_settings else None
     if settings_file:
-        source = f"{console.shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
+        source = f"{shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
     config_file = os.path.join(model, "config.json")
     if not os.path.isfile(config_file):
         return source  # a PaddleNLP name (the defaults are its recipe's) or a path that loading will refuse
@@ -168,8 +167,7 @@ def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: b
 
 def check_sizes(training_args):
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(training_args, name) < 1:
-            raise UserError(f"--{name} must be at least 1; got {getattr(training_args, name)}")
+        check_flag(name, getattr(training_args, name), COUNT)
 
 
 def resolve_amp(training_args):

@@ -1,99 +1,18 @@
-"""What a person sees of a finetune run, in order: what it runs, progress bars, a table of the untrained
-vs the trained model's scores, and where the files are.
-
-These lines are printed on the main process whatever the log level. PaddleNLP's own log lines (loading,
-the tokenizer's vocabulary, per-step logs: `--log_level info`; the argument dump: `debug`) are hidden by
-default, as are colour codes and cursor movement when stderr is a file rather than a terminal.
+"""What a person sees of a training run, in order: what it runs, progress bars, a table of the untrained
+vs the trained model's scores, and where the files are (glm.cli.console prints the lines and bars).
 """
 
-import argparse
-import logging
 import os
-import sys
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
 from paddlenlp.trainer.trainer_callback import ProgressCallback
-from paddlenlp.utils.log import logger
-from tqdm import tqdm
 
-from ..errors import UserError
-from ..loading import has_weights
-from .crash_safety import checkpoint_step
+from ..checkpoint import has_weights
+from ..cli.console import progress_bar, say, shown
+from .checkpoints import checkpoint_step
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 # Metrics every Trainer evaluation reports about itself, not about the model.
 BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch", "progress_or_epoch")
-
-
-@dataclass
-class ConsoleArguments:
-    # PaddleNLP 2.8.1's TrainingArguments resets its log_level fields to -1 and has no such flags: ours.
-    log_level: str = field(
-        default="warning",
-        metadata={"help": "PaddleNLP's log lines on the main process: debug (adds the argument dump), info "
-                          "(loading, vocabulary, per-step logs), warning (only warnings besides the run's own "
-                          "summary and progress bars) or error."},
-    )
-    log_level_replica: str = field(
-        default="warning", metadata={"help": "The same for the other processes of paddle.distributed.launch."}
-    )
-
-
-def configure_logging(argv: List[str]):
-    """Sets PaddleNLP's log level from the --log_level flags in `argv`, before the Trainer's arguments
-    are parsed (parsing them logs already). The main process is rank 0 of paddle.distributed.launch."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for name, default in vars(ConsoleArguments()).items():
-        parser.add_argument(f"--{name}", default=default)
-    console_args = parser.parse_known_args(argv)[0]
-    main_process = os.environ.get("PADDLE_TRAINER_ID", "0") == "0"
-    level = console_args.log_level if main_process else console_args.log_level_replica
-    if level.lower() not in LOG_LEVELS:
-        raise UserError(f"--log_level/--log_level_replica must be one of {', '.join(LOG_LEVELS)}; got {level}")
-    logger.set_level(level.upper())
-    if not sys.stderr.isatty():  # a log file: no colour escape codes
-        logger.handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)8s] - %(message)s"))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """PdArgumentParser's help with '(default: X)' only where X says something: not after a None, whose
-    meaning the help text itself gives (it would read '(default: ...). (default: None)')."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class DropLogMessage(logging.Filter):
-    """Drops PaddleNLP log records that start with `prefix` (one line we know to be misleading)."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record):
-        return not record.getMessage().startswith(self.prefix)
-
-
-def shown(path: str) -> str:
-    """A path as the user would type it: relative when under the working directory."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-def say(text: str = ""):
-    """A line of the run's own console (callers print on the main process only)."""
-    print(text, file=sys.stderr, flush=True)
-
-
-def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> tqdm:
-    """tqdm on stderr. On a file instead of a terminal every bar stays on its line (no cursor-up escapes
-    from nested bars) and is redrawn at most every 30 s, so a log file holds a few lines per bar."""
-    terminal = sys.stderr.isatty()
-    return tqdm(
-        total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=terminal,
-        mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 60, position=None if terminal else 0,
-    )
 
 
 class ConsoleProgress(ProgressCallback):

@@ -24,8 +24,9 @@ nobody thought of (a new objective flag, a PaddleNLP option) then refuses a resu
 message, instead of being ignored without a word; the free list only holds fields whose effect is known
 not to reach the trained weights, and the worst a missing entry there can do is one refusal too many.
 
-A task plugs in with one call, and one declaration for its free fields. For pretraining, with its
-objective dataclass and a prepared-corpus directory:
+A task (glm.training.task.Task) plugs in by naming its argument dataclasses and the flags compared by
+content, and declares its free fields. For pretraining, with its objective dataclass and a
+prepared-corpus directory:
 
     @dataclass
     class PretrainingArguments:
@@ -34,14 +35,16 @@ objective dataclass and a prepared-corpus directory:
         max_eval_batches: int = ...          # not:
         free_flags: ClassVar[Tuple[str, ...]] = ("max_eval_batches",)
 
-    settings = run_settings(
-        (model_args, pretraining_args, training_args),
-        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
-                "corpus_dir": directory_fingerprint(pretraining_args.corpus_dir)},
-    )
-    resume = last_checkpoint_to_resume(training_args, settings)   # refuses other settings in one line
-    ...                                                             # load, build the GLMTrainer
-    train_and_evaluate(trainer, resume, ...)                        # records them with every checkpoint
+    class PretrainingTask(Task):
+        def recorded_arguments(self):
+            return (self.pretraining_args,)
+        def inputs(self):
+            return {"model_name_or_path": model_fingerprint(self.model_args.model_name_or_path),
+                    "corpus_dir": directory_fingerprint(self.pretraining_args.corpus_dir)}
+
+run_task then computes run_settings((model_args, *recorded_arguments, training_args), inputs), refuses a
+checkpoint with other settings in one line (resume.decide_resume) and records them with every
+checkpoint (GLMTrainer).
 
 Leave out a dataclass whose fields only reach evaluation (finetune_generation.py leaves out its
 decoding flags, GenerationArguments).
@@ -55,11 +58,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from paddlenlp.trainer import TrainingArguments
 from paddlenlp.utils.log import logger
 
+from ..checkpoint import weights_sha256
 from ..configuration import BUILTIN_CHECKPOINTS
 from ..errors import DataError
 from ..files import files_sha256
 from ..jsonl import find_split_file
-from ..loading import weights_sha256
 from ..tokenization import TOKENIZER_FILES
 
 __all__ = [

@@ -1,5 +1,5 @@
 """The PaddleNLP Trainer as every GLM task trains with it: THUDM's decay-to-ratio schedule, a resumable
-single-process shuffle, checkpoints that appear only when complete (crash_safety.py), rotate in a
+single-process shuffle, checkpoints that appear only when complete (checkpoints.py), rotate in a
 single process too and record the run's settings (run_record.py), a resume that stops at max_steps and
 reports the whole run's loss, results written atomically, and a stop at the first non-finite loss."""
 
@@ -8,6 +8,7 @@ import json
 import math
 import os
 from functools import partial
+from typing import Optional
 
 import paddle
 from paddle.distributed.parallel import sync_params_buffers
@@ -16,14 +17,14 @@ from paddlenlp.trainer import ProgressCallback, Trainer, TrainerState
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from paddlenlp.utils.log import logger
 
-from ..errors import UserError
+from ..errors import TrainingDiverged
 from ..files import crash_point, write_json_atomic
 from ..lora import BASE_FINGERPRINT
 from . import console
-from .crash_safety import STAGING, TRAINER_STATE, checkpoint_step, publish_checkpoint, staging_dir
-from .run_record import RECORD_FILE, read_record, total_steps
+from .checkpoints import STAGING, TRAINER_STATE, checkpoint_step, publish_checkpoint, staging_dir
+from .run_record import RECORD_FILE, RunSettings, read_record, total_steps
 
-__all__ = ["GLMTrainer", "TrainingDiverged", "lr_factor"]
+__all__ = ["GLMTrainer", "lr_factor"]
 
 
 def lr_factor(step: int, warmup: int, total: int, ratio: float, cosine: bool) -> float:
@@ -46,23 +47,23 @@ class EpochSeededBatchSampler(DistributedBatchSampler):
         super().set_epoch(self.seed + epoch)
 
 
-class TrainingDiverged(UserError):
-    """A non-finite loss or weights: training stops before anything non-finite is saved."""
-
-
 class GLMTrainer(Trainer):
     """The PaddleNLP Trainer with THUDM's decay-to-ratio schedule, a resumable single-process shuffle,
     checkpoints that appear only when complete (rotated outside paddle.distributed.launch too) and hold
     the run's record, a resume that stops at max_steps, and a stop at the first non-finite loss. Task
-    trainers subclass it for evaluation."""
+    trainers subclass it for evaluation.
 
-    def __init__(self, *args, lr_decay_ratio, **kwargs):
+    `run_settings` (run_record.run_settings) go into every record; `base_fingerprint` (a LoRA run's base,
+    lora.base_fingerprint) is written beside every saved adapter."""
+
+    def __init__(self, *args, lr_decay_ratio, run_settings: Optional[RunSettings] = None,
+                 base_fingerprint: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lr_decay_ratio = lr_decay_ratio
+        self.run_settings, self.base_fingerprint = run_settings, base_fingerprint
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(console.ConsoleProgress)
         self.last_finite_loss = None  # (step, loss)
-        self.run_settings = None  # the run's RunSettings (set by driver.train_and_evaluate), in every record
         self.earlier_loss_sum = 0.0  # the step losses of the run before the checkpoint it resumed
         self.train_loss_sum = None  # all of the run's step losses, once trained
         self._unlogged_loss = None  # the Trainer's running loss since its last log, during training
@@ -184,9 +185,8 @@ class GLMTrainer(Trainer):
 
     def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
         super()._save(output_dir, state_dict, merge_tensor_parallel)
-        fingerprint = getattr(self.model, "base_fingerprint", None)
-        if fingerprint is not None and self.args.should_save:
-            write_json_atomic(os.path.join(output_dir or self.args.output_dir, BASE_FINGERPRINT), fingerprint)
+        if self.base_fingerprint is not None and self.args.should_save:
+            write_json_atomic(os.path.join(output_dir or self.args.output_dir, BASE_FINGERPRINT), self.base_fingerprint)
 
     def create_scheduler(self, num_training_steps: int):
         schedule = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))

@@ -1,6 +1,6 @@
-"""Cloze finetuning (THUDM's cloze tasks) on the shared driver: rows in THUDM's multiple-choice format,
-one packed sequence each (MultipleChoiceBuilder) scored by GLMForMultipleChoice, the loss the
-cross-entropy over the choice scores. Evaluation scores every dev row's choices, which gives the
+"""Cloze finetuning (THUDM's cloze tasks) on the task skeleton (glm.training.task): rows in THUDM's
+multiple-choice format, one packed sequence each (MultipleChoiceBuilder) scored by GLMForMultipleChoice,
+the loss the cross-entropy over the choice scores. Evaluation scores every dev row's choices, which gives the
 accuracy, the loss and per-row predictions in one pass."""
 
 import os
@@ -10,22 +10,21 @@ from typing import Optional
 
 import paddle
 from paddlenlp.datasets import MapDataset
-from paddlenlp.trainer import set_seed
 from paddlenlp.trainer.trainer_utils import EvalLoopOutput
-from tqdm import tqdm
 
+from ..cli.console import progress_bar
 from ..errors import UserError
 from ..files import write_jsonl_atomic
 from ..inputs import MultipleChoiceBuilder, collate_multiple_choice
 from ..jsonl import find_split_file
 from ..modeling import GLMForMultipleChoice
-from ..training.arguments import DatasetArguments, resolve_amp
-from ..training.driver import last_checkpoint_to_resume, load_for_training, train_and_evaluate
-from ..training.run_record import data_fingerprint, model_fingerprint, run_settings
+from ..training.arguments import DatasetArguments
+from ..training.run_record import data_fingerprint, model_fingerprint
+from ..training.task import Task, TaskData, run_task
 from ..training.trainer import GLMTrainer
 from .multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 
-__all__ = ["ClozeDataArguments", "ClozeTrainer", "finetune_cloze"]
+__all__ = ["ClozeDataArguments", "ClozeTrainer", "ClozeTask", "finetune_cloze"]
 
 
 @dataclass
@@ -50,8 +49,8 @@ class ClozeTrainer(GLMTrainer):
         # batches' [B, C] scores padded with -100, which a long choice's log-probability can fall below.
         rank, world = self.args.process_index, self.args.world_size
         mine = list(range(rank, len(self.eval_examples), world))
-        with tqdm(total=len(mine), desc=f"{metric_key_prefix}: scoring", unit="row",
-                  disable=self.args.disable_tqdm or rank != 0) as bar:
+        with progress_bar(len(mine), f"{metric_key_prefix}: scoring", "row",
+                          disable=self.args.disable_tqdm or rank != 0) as bar:
             scores = score_examples(self.model, [self.eval_examples[i] for i in mine],
                                     self.args.per_device_eval_batch_size, self.pad_id, progress=bar.update)
         by_row = dict(zip(mine, scores))
@@ -78,52 +77,57 @@ def load_split(data_args, split, builder):
     return rows, build_choice_examples(rows, builder, os.path.basename(path))
 
 
-def finetune_cloze(model_args, data_args, training_args, callbacks=(), task_recipe: Optional[str] = None):
-    """Load, build the rows, train and evaluate (glm.training.driver.train_and_evaluate); `task_recipe` is
-    the task's embedded default recipe, suggested when a length does not fit the model."""
-    if model_args.label_smoothing:
-        # THUDM's cloze finetuning (finetune_glm.py) takes the plain cross-entropy over the choice
-        # scores; smoothing there would be a regulariser with nothing to check it against.
-        raise UserError(f"--label_smoothing {model_args.label_smoothing}: it applies to generation's token loss "
-                        "(finetune_generation.py); the choice loss is THUDM's plain cross-entropy, so leave it at 0")
-    dtype = resolve_amp(training_args)
-    resume = last_checkpoint_to_resume(training_args, run_settings(
-        (model_args, data_args, training_args),
-        inputs={"model_name_or_path": model_fingerprint(model_args.model_name_or_path),
-                "dataset_name_or_path": data_fingerprint(data_args.dataset_name_or_path)},
-    ))
-    set_seed(training_args.seed)
-    model, tokenizer = load_for_training(
-        model_args, dtype, {"src_length": data_args.src_length}, model_class=GLMForMultipleChoice,
-        task_recipe=task_recipe,
-    )
-    try:
-        builder = MultipleChoiceBuilder(tokenizer, data_args.src_length)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+class ClozeTask(Task):
+    """Cloze finetuning on the task skeleton: GLMForMultipleChoice on rows in THUDM's multiple-choice format."""
 
-    train_dataset = eval_dataset = None
-    eval_rows, eval_examples = [], []
-    if training_args.do_train:
-        train_dataset = MapDataset([e.features() for e in load_split(data_args, "train", builder)[1]])
-    if training_args.do_eval or data_args.eval_before_training:
-        eval_rows, eval_examples = load_split(data_args, "dev", builder)
-        eval_dataset = MapDataset([e.features() for e in eval_examples])
+    model_class = GLMForMultipleChoice
+    trainer_class = ClozeTrainer
 
-    trainer = ClozeTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        tokenizer=tokenizer,
-        data_collator=partial(collate_multiple_choice, pad_id=builder.ids.pad),
-        callbacks=list(callbacks),
-        eval_examples=eval_examples,
-        eval_rows=eval_rows,
-        pad_id=builder.ids.pad,
-        lr_decay_ratio=model_args.lr_decay_ratio,
-    )
-    train_and_evaluate(
-        trainer, resume, half_precision=dtype is not None, eval_before_training=data_args.eval_before_training
-    )
-    return trainer
+    def __init__(self, model_args, data_args, training_args, given_flags=frozenset(), default_recipe=None):
+        super().__init__(model_args, training_args, given_flags)
+        self.data_args, self.default_recipe = data_args, default_recipe
+
+    def prepare(self):
+        if self.model_args.label_smoothing:
+            # THUDM's cloze finetuning (finetune_glm.py) takes the plain cross-entropy over the choice
+            # scores; smoothing there would be a regulariser with nothing to check it against.
+            raise UserError(f"--label_smoothing {self.model_args.label_smoothing}: it applies to generation's token "
+                            "loss (finetune_generation.py); the choice loss is THUDM's plain cross-entropy, so leave it at 0")
+
+    def recorded_arguments(self):
+        return (self.data_args,)
+
+    def inputs(self):
+        return {"model_name_or_path": model_fingerprint(self.model_args.model_name_or_path),
+                "dataset_name_or_path": data_fingerprint(self.data_args.dataset_name_or_path)}
+
+    def lengths(self):
+        return {"src_length": self.data_args.src_length}
+
+    def eval_before_training(self):
+        return self.data_args.eval_before_training
+
+    def data(self, tokenizer) -> TaskData:
+        try:
+            builder = MultipleChoiceBuilder(tokenizer, self.data_args.src_length)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        train_dataset = eval_dataset = None
+        eval_rows, eval_examples = [], []
+        if self.training_args.do_train:
+            train_dataset = MapDataset([e.features() for e in load_split(self.data_args, "train", builder)[1]])
+        if self.training_args.do_eval or self.data_args.eval_before_training:
+            eval_rows, eval_examples = load_split(self.data_args, "dev", builder)
+            eval_dataset = MapDataset([e.features() for e in eval_examples])
+        return TaskData(
+            train_dataset, eval_dataset, partial(collate_multiple_choice, pad_id=builder.ids.pad),
+            trainer_arguments=dict(eval_examples=eval_examples, eval_rows=eval_rows, pad_id=builder.ids.pad),
+        )
+
+
+def finetune_cloze(model_args, data_args, training_args, callbacks=(), task_recipe: Optional[str] = None,
+                   given_flags=frozenset()):
+    """Load, build the rows, train and evaluate on the task skeleton (glm.training.task.run_task);
+    `task_recipe` is the task's embedded default recipe, suggested when a length does not fit the model;
+    `given_flags`, the flags the user typed."""
+    return run_task(ClozeTask(model_args, data_args, training_args, given_flags, task_recipe), callbacks)

@@ -1,4 +1,5 @@
-"""Request bodies and how they become decoding settings.
+"""The HTTP protocol of the server: request bodies, how they become decoding settings, and the shapes of
+answers that every endpoint shares (OpenAI's error object, Server-Sent Events).
 
 GLM's own settings are accepted under predict_generation.py's flag names: the fields of
 glm.prediction.GenerationArguments, read from it, so a flag predict gains is accepted here too. What a
@@ -9,25 +10,23 @@ temperature, top_p or top_k without a decode_strategy -> sampling.
 """
 
 import dataclasses
+import json
 from typing import List, Optional, Union
 
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ..bounds import TGT_LENGTH
+from ..errors import RequestError
 from ..generation import GenerationConfig
-from ..prediction import GenerationArguments
+from ..generation_settings import GenerationArguments
 
-__all__ = ["RequestError", "CompletionRequest", "FillRequest", "ScoreRequest", "decoding_config", "MAX_PROMPTS"]
+__all__ = [
+    "RequestError", "CompletionRequest", "FillRequest", "ScoreRequest", "decoding_config", "MAX_PROMPTS",
+    "error_body", "error_response", "ended_response", "sse",
+]  # fmt: skip
 
 MAX_PROMPTS = 32  # prompts in one completion request
-
-
-class RequestError(ValueError):
-    """A bad request, said in one line that names the field (`param`): answered with status 400."""
-
-    def __init__(self, param: Optional[str], message: str, status: int = 400):
-        super().__init__(f"{param}: {message}" if param else message)
-        self.param, self.status = param, status
-
 
 _STRICT = ConfigDict(extra="forbid", strict=True)  # "5" is not 5: a wrong type is a 400, not a guess
 
@@ -73,8 +72,9 @@ def decoding_config(request: BaseModel, defaults: GenerationArguments, default_t
             given[glm_name] = given.pop(openai_name)
     tgt_length = given.pop("tgt_length", default_tgt_length)
     length_name = "max_tokens" if "max_tokens" in request.model_fields_set else "tgt_length"
-    if not 1 <= tgt_length <= max_positions:
-        raise RequestError(length_name, f"must be between 1 and {max_positions} (the model's max_sequence_length); got {tgt_length}")
+    problem = TGT_LENGTH.problem(tgt_length, model_max=max_positions)
+    if problem:
+        raise RequestError(length_name, problem)
     if "decode_strategy" not in given:
         if given.get("temperature") == 0:
             given.update(decode_strategy="greedy_search")
@@ -93,3 +93,30 @@ def decoding_config(request: BaseModel, defaults: GenerationArguments, default_t
     except Exception as error:  # the config's own checks (UserError), each naming its field first
         message = str(error)
         raise RequestError(None, message) from None
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param=None) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": None}}).encode()
+
+
+def error_response(status: int, message: str, param=None, kind="invalid_request_error", headers=None) -> Response:
+    return Response(error_body(message, kind, param), status, headers=headers, media_type="application/json")
+
+
+def ended_response(reason: str, request_timeout: float, retry_after: int) -> Response:
+    """The answer to a request whose decoding ended early (glm.serving.runs.Ended)."""
+    if reason == "timeout":
+        return error_response(504, f"the request took longer than the server's limit of {request_timeout:g} s",
+                              kind="timeout")
+    if reason == "shutdown":
+        return error_response(503, "the server is shutting down", kind="overloaded",
+                              headers={"Retry-After": str(retry_after)})
+    if reason == "disconnected":
+        return error_response(499, "the client disconnected")
+    return error_response(500, f"decoding failed: {reason}", kind="server_error")
+
+
+def sse(payload) -> str:
+    """One Server-Sent Event holding `payload` as JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

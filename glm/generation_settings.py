@@ -1,0 +1,83 @@
+"""The decoding flags (GenerationArguments) and the settings file a finetuned checkpoint carries: the lengths
+and decoding it was evaluated with, which predict_generation.py and server.py take as their defaults.
+Training writes it and reads it (a named model's defaults); prediction reads it."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .errors import UserError
+from .generation import GenerationConfig
+
+__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding"]
+
+
+@dataclass
+class GenerationArguments:
+    """Decoding flags shared by finetune_generation.py (evaluation) and predict_generation.py (THUDM defaults)."""
+
+    decode_strategy: str = field(default="beam_search", metadata={"help": "beam_search, greedy_search or sampling."})
+    min_tgt_length: int = field(default=55, metadata={"help": "No end-of-piece before this many tokens."})
+    num_beams: int = field(default=5, metadata={"help": "Beam width."})
+    length_penalty: float = field(default=0.7, metadata={"help": "Beam score = logprob / length ** penalty."})
+    length_penalty_form: str = field(default="thudm", metadata={"help": "thudm: len**lp; gnmt: ((5+len)/6)**lp."})
+    no_repeat_ngram_size: int = field(default=3, metadata={"help": "Never repeat a generated n-gram of this size."})
+    select_topk: bool = field(default=True, metadata={"help": "Beam candidates by top-k (else sampled)."})
+    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus mass (1.0 or 0: off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Answers kept per blank (prediction)."})
+
+    def config(self, tgt_length: int, seed: Optional[int] = None) -> GenerationConfig:
+        try:
+            return GenerationConfig(
+                decode_strategy=self.decode_strategy,
+                tgt_length=tgt_length,
+                min_tgt_length=self.min_tgt_length,
+                num_beams=self.num_beams,
+                length_penalty=self.length_penalty,
+                length_penalty_form=self.length_penalty_form,
+                select_topk=self.select_topk,
+                no_repeat_ngram_size=self.no_repeat_ngram_size,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                temperature=self.temperature,
+                num_return_sequences=self.num_return_sequences,
+                seed=seed,
+            )
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+
+# Written by finetune_generation.py beside the model: the input lengths and decoding flags it was
+# evaluated with, which predict_generation.py takes as its defaults.
+GENERATION_SETTINGS = "generation_settings.json"
+
+
+def apply_checkpoint_settings(model_dir: str, given: Iterable[str], *targets) -> Optional[str]:
+    """Sets every field of `targets` (argument dataclasses) that `model_dir`'s GENERATION_SETTINGS names
+    and the user did not give (`given`: flag names without dashes); returns that file's path, or None
+    when the checkpoint has none."""
+    settings_file = os.path.join(model_dir, GENERATION_SETTINGS)
+    if not os.path.isfile(settings_file):
+        return None
+    with open(settings_file, encoding="utf-8") as f:
+        settings = json.load(f)
+    given = set(given)
+    for name, value in settings.items():
+        for target in targets:
+            if hasattr(target, name) and name not in given:
+                setattr(target, name, value)
+    return settings_file
+
+
+def describe_decoding(generation_args: GenerationArguments) -> str:
+    g = generation_args
+    if g.decode_strategy == "beam_search":
+        text = f"beam search {g.num_beams} beams, length_penalty {g.length_penalty} ({g.length_penalty_form})"
+    elif g.decode_strategy == "sampling":
+        text = f"sampling top_k {g.top_k} top_p {g.top_p} temperature {g.temperature}"
+    else:
+        text = g.decode_strategy
+    return f"{text}, min_tgt_length {g.min_tgt_length}, no_repeat_ngram_size {g.no_repeat_ngram_size}"

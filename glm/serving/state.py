@@ -1,0 +1,125 @@
+"""What every endpoint of one server shares: the served Predictor, the server's decoding defaults, its
+options, the engine that owns the model, the metrics, and whether requests are accepted. One instance
+per app, at `app.state.serving`; an endpoint gets it with `Depends(serving)`."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from ..configuration import GLMConfig
+from ..errors import RequestError
+from ..generation_settings import GenerationArguments
+from ..modeling import GLMForMultipleChoice
+from ..prediction import Predictor
+from .engine import Engine, QueueFull
+from .metrics import ServerMetrics
+from .protocol import decoding_config
+from .runs import Generation
+
+__all__ = ["ServeOptions", "ServingState", "Overloaded", "serving", "cancel_on_disconnect"]
+
+
+@dataclass
+class ServeOptions:
+    model_name: str  # what /v1/models lists and a request's `model` must name
+    api_key: Optional[str] = None
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 64  # requests waiting to join the batch; one more gets 503
+    max_rows: int = 64  # rows decoding together (beams or answer copies summed over prompts)
+    request_timeout: float = 300.0  # seconds from arrival to the last token
+    retry_after: int = 1  # the Retry-After of a 503
+
+
+class Overloaded(Exception):
+    """The engine's queue is full: 503 with Retry-After."""
+
+
+class ServingState:
+    def __init__(self, predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions):
+        self.predictor, self.generation_args, self.options = predictor, generation_args, options
+        self.generator, self.builder, self.tokenizer = predictor.generator, predictor.builder, predictor.tokenizer
+        self.engine = Engine(self.generator, options.max_rows, options.max_queue)
+        self.metrics = ServerMetrics(self.engine)
+        self.engine.on_step = self.metrics.step_rows.observe
+        self.accepting = False
+        self._choice_head = None
+
+    def start(self):
+        self.engine.start()
+        self.accepting = True
+        self.metrics.ready.set(1)
+
+    def stop_accepting(self):
+        """From now on /ready says 503 and new requests are refused (a drain before shutdown)."""
+        self.accepting = False
+        self.metrics.ready.set(0)
+
+    def stop(self):
+        self.stop_accepting()
+        self.engine.stop()
+
+    def check_accepting(self):
+        if not self.accepting:
+            raise RequestError(None, "the server is shutting down", 503)
+
+    def built_sources(self, texts: List[str], field: str):
+        """Token ids of each text, as predict builds them; a text the model cannot take whole is refused."""
+        sources = []
+        for text in texts:
+            ids, truncated = self.builder.source_ids(text)
+            if truncated:
+                tokens = len(self.builder.tokenize(text))
+                raise RequestError(field, f"{tokens} tokens after tokenization, over the server's src_length "
+                                          f"{self.builder.src_length} (with [CLS], the blank and <|endoftext|>)")  # fmt: skip
+            sources.append(ids)
+        return sources
+
+    async def start_generation(self, texts: List[str], field: str, body) -> Generation:
+        """The request's sources submitted to the engine, decoded with the request's settings over the
+        server's."""
+        self.check_accepting()
+        config = decoding_config(body, self.generation_args, self.predictor.config.tgt_length, self.generator.max_positions)
+        sources = await run_in_threadpool(self.built_sources, texts, field)
+        generation = Generation(self.engine, sources, config, lambda tokens: self.tokenizer.decode(tokens),
+                                self.builder.ids.pad, self.options.request_timeout)  # fmt: skip
+        try:
+            generation.submit()
+        except QueueFull as full:
+            raise Overloaded(str(full)) from None
+        return generation
+
+    def record_generation(self, generation: Generation, tokens: int):
+        self.metrics.tokens.inc(tokens)
+        self.metrics.ttft.observe((generation.first_piece or time.monotonic()) - generation.started)
+
+    def choice_head(self) -> GLMForMultipleChoice:
+        """GLMForMultipleChoice on the served backbone (and its adapter), made once on the engine's thread.
+        It is built on a one-layer stand-in config, so the only weights it holds are the served ones."""
+        if self._choice_head is None:
+            head = GLMForMultipleChoice(GLMConfig(num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=8,
+                                                  max_sequence_length=8))  # fmt: skip
+            head.glm, head.config = self.generator.model.glm, self.generator.model.config
+            head.eval()  # score_examples restores the mode it found: training would switch dropout on in the backbone
+            self._choice_head = head
+        return self._choice_head
+
+
+def serving(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+async def cancel_on_disconnect(request: Request, generation: Generation):
+    """A non-streamed request whose client leaves: its rows leave the batch at the next step."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            generation.cancel("disconnected")
+            return
+
+
+def watch_disconnect(request: Request, generation: Generation) -> "asyncio.Future":
+    return asyncio.ensure_future(cancel_on_disconnect(request, generation))

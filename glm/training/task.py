@@ -1,0 +1,173 @@
+"""The one skeleton every training task runs on (generation, cloze, pretraining): a `Task` supplies its
+arguments, data, inputs and trainer class; `run_task` owns the rest, in this order:
+
+    the task's own refusals and preparation (Task.prepare; nothing is written before them)
+    precision            fp16/bf16 O2 where Paddle has the kernels (resolve_amp)
+    run settings         what determines the result (run_record.run_settings), passed to the trainer
+    with the output dir's lock:
+      resume decision    decide_resume (reads only), then prepare_output_dir (its side effects)
+      seed               before the model exists: a random init depends on it
+      loading            the one loader (lengths checked), a new LoRA adapter applied when asked
+      data               the task's datasets, collator and trainer arguments, built with the tokenizer
+      trainer            the task's GLMTrainer subclass, given the run settings and the base's fingerprint
+      train and evaluate driver.train_and_evaluate
+    data-parallel workers leave together (`finish`)
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import AbstractSet, Any, Dict, Optional, Sequence, Tuple
+
+import paddle
+from paddlenlp.trainer import set_seed
+
+from ..bounds import COUNT, check_flag
+from ..checkpoint import has_weights
+from ..cli.console import shown
+from ..errors import UserError
+from ..files import output_dir_lock
+from ..loading import load_model_and_tokenizer
+from ..lora import apply_lora, base_fingerprint
+from ..modeling import GLMForConditionalGeneration
+from . import console
+from .arguments import resolve_amp
+from .driver import train_and_evaluate
+from .resume import decide_resume, prepare_output_dir
+from .run_record import run_settings
+from .trainer import GLMTrainer
+
+__all__ = ["Task", "TaskData", "run_task", "load_for_training", "finish"]
+
+
+@dataclass
+class TaskData:
+    """What a task's data gives the trainer: datasets, how to batch them, the task's own trainer
+    arguments, the header's data lines and files to save beside the final model ({name: JSON value})."""
+
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    trainer_arguments: Dict[str, Any] = field(default_factory=dict)
+    about: Dict[str, str] = field(default_factory=dict)
+    extra_files: Dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """A training task, as `run_task` uses it. Subclasses set the class attributes and override what
+    differs; `model_args` is a training.arguments.ModelArguments, `training_args` PaddleNLP's
+    TrainingArguments, `given_flags` the names of the flags the user typed."""
+
+    model_class = GLMForConditionalGeneration
+    trainer_class = GLMTrainer
+    metric_labels: Optional[Dict[str, str]] = None  # {metric: column heading}; None: every metric
+    default_recipe: Optional[str] = None  # the task's embedded default, suggested when a length does not fit
+
+    def __init__(self, model_args, training_args, given_flags: AbstractSet[str] = frozenset()):
+        self.model_args, self.training_args, self.given_flags = model_args, training_args, frozenset(given_flags)
+
+    def prepare(self):
+        """Refuse what this task cannot run, and settle what the run's settings depend on, before anything is
+        written or loaded."""
+
+    def recorded_arguments(self) -> Sequence:
+        """The task's argument dataclasses whose fields determine the trained weights (besides the model's
+        and the training arguments)."""
+        return ()
+
+    def inputs(self) -> Dict[str, Any]:
+        """{flag: fingerprint} of the flags compared by what they point to rather than by their path."""
+        return {}
+
+    def lengths(self) -> Dict[str, int]:
+        """{flag: length} that must fit the model's max_sequence_length."""
+        return {}
+
+    def config_overrides(self) -> Dict[str, Any]:
+        """config.json fields the run replaces (e.g. label_smoothing)."""
+        return {}
+
+    def eval_before_training(self) -> bool:
+        return False
+
+    def data(self, tokenizer) -> TaskData:
+        raise NotImplementedError
+
+
+def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
+    """Train and evaluate `task` (see the module's docstring); returns its trainer."""
+    args, model_args = task.training_args, task.model_args
+    task.prepare()
+    dtype = resolve_amp(args)
+    settings = run_settings((model_args, *task.recorded_arguments(), args), inputs=task.inputs())
+    with output_dir_lock(args.output_dir, hold=args.do_train and args.should_save):
+        resume = decide_resume(args, settings)
+        prepare_output_dir(args, resume)
+        set_seed(args.seed)
+        model, tokenizer, base = load_for_training(model_args, dtype, task.lengths(), task.model_class,
+                                                   task.default_recipe, **task.config_overrides())
+        data = task.data(tokenizer)
+        trainer = task.trainer_class(
+            model=model, args=args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
+            tokenizer=tokenizer, data_collator=data.collator, callbacks=list(callbacks),
+            lr_decay_ratio=model_args.lr_decay_ratio, run_settings=settings, base_fingerprint=base,
+            **data.trainer_arguments,
+        )  # fmt: skip
+        train_and_evaluate(
+            trainer, resume, task.given_flags, half_precision=dtype is not None,
+            eval_before_training=task.eval_before_training(), extra_files=data.extra_files,
+            about={"model": console.describe_model(model_args, model), **data.about}, metric_labels=task.metric_labels,
+        )  # fmt: skip
+    return trainer
+
+
+def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GLMForConditionalGeneration,
+                      task_recipe: Optional[str] = None, **config_overrides) -> Tuple[Any, Any, Optional[dict]]:
+    """The model (a `model_class`), its tokenizer, and the base's fingerprint when a LoRA adapter is to be
+    trained (None otherwise). Every `lengths` entry ({flag: value}) must fit the model (a length that does
+    not names `task_recipe`, the task's embedded default recipe, when that fits); with --lora the adapter
+    is applied and only it trains."""
+
+    def suggest(limit: int) -> str:
+        return f", or the recipe {shown(task_recipe)}" if recipe_fits(task_recipe, lengths, limit) else ""
+
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, dtype, model_class=model_class, lengths=lengths, suggest=suggest,
+        use_flash_attention=model_args.use_flash_attention, **config_overrides,
+    )  # fmt: skip
+    if not model_args.lora:
+        return model, tokenizer, None
+    check_flag("lora_rank", model_args.lora_rank, COUNT)
+    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+        raise UserError(
+            f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
+            "reproduced to apply the adapter later; finetune it first (without --lora) and adapt that"
+        )
+    fingerprint = base_fingerprint(model_args.model_name_or_path, model.config)
+    model = apply_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout,
+                       model_args.lora_target_modules, base_model_name_or_path=model_args.model_name_or_path)
+    model.print_trainable_parameters()
+    return model, tokenizer, fingerprint
+
+
+def recipe_fits(path: Optional[str], lengths: Dict[str, int], limit: int) -> bool:
+    """Whether the recipe at `path` sets every length in `lengths` to at most `limit`. Only the task's own
+    recipe is suggested: another task's recipe would fit the lengths and still be the wrong job."""
+    if not path:
+        return False
+    with open(path, encoding="utf-8") as f:
+        recipe = json.load(f)
+    return all(name in recipe and recipe[name] <= limit for name in lengths)
+
+
+def finish(trainer):
+    """Return the trainer; data-parallel workers instead leave together and skip interpreter teardown."""
+    if trainer.args.world_size > 1:
+        # Data-parallel CPU workers can abort in interpreter teardown after finishing (gloo): leave
+        # together and skip the teardown once everything is written.
+        paddle.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return trainer
