@@ -77,7 +77,7 @@ def installed_package(tmp_path_factory):
     """`pip install --target DIR .` of a copy of the checkout's package files (so the build leaves nothing
     in the checkout); returns DIR, to be put on PYTHONPATH in a process started outside the checkout."""
     source = tmp_path_factory.mktemp("package-source")
-    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+    for name in ("pyproject.toml", "requirements.txt", "requirements-test.txt", "README.md"):
         shutil.copy(os.path.join(ROOT, name), source)
     shutil.copytree(os.path.join(ROOT, "glm"), source / "glm", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")

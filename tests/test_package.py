@@ -110,3 +110,15 @@ def test_the_installed_package_ships_the_servers_page(installed_package):
     """server.py's page is package data: `pip install .` must carry it (pyproject's package-data)."""
     page = installed_package / "glm" / "serving" / "static" / "index.html"
     assert page.is_file() and "/fill" in page.read_text(encoding="utf-8")
+
+
+def test_the_package_requires_what_it_runs_on_and_the_test_tools_only_as_an_extra(installed_package):
+    """`pip install .` installs the requirements, not pytest, openai or selenium (`.[test]` adds them)."""
+    [metadata] = [path / "METADATA" for path in installed_package.glob("glm_paddle-*.dist-info")]
+    requires = [line.split(":", 1)[1].strip() for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")]
+    runtime = [line for line in requires if "extra ==" not in line]
+    test = [line for line in requires if 'extra == "test"' in line]
+    assert any(line.startswith("paddlepaddle==") for line in runtime) and any(line.startswith("fastapi") for line in runtime)
+    for tool in ("pytest", "openai", "selenium"):
+        assert not any(line.startswith(tool) for line in runtime), runtime
+        assert any(line.startswith(tool) for line in test), test
