@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from glm import GLMForConditionalGeneration, GLMForMultipleChoice
-from glm.bounds import COUNT, SEQ_LENGTH, SRC_LENGTH, Bound, check_flag
-from glm.cli.arguments import parse_flags
+from glm.bounds import COUNT, check_flag, check_lengths
+from glm.cli.arguments import flag_names, parse_flags
 from glm.cli.console import progress_bar
 from glm.cli.process import command
 from glm.errors import DataError, UserError
@@ -40,6 +40,12 @@ from glm.understanding.multiple_choice import (
 )
 
 TASKS = ("multiple_choice", "lm", "lambada")
+# The flags only some tasks read: given to another task they would be ignored without a word.
+TASK_FLAGS = {
+    "src_length": ("multiple_choice",), "skip_bad_rows": ("multiple_choice",),
+    "predictions_file": ("multiple_choice", "lambada"), "seq_length": ("lm", "lambada"), "mask_token": ("lm", "lambada"),
+    "overlapping_eval": ("lm",), "unidirectional": ("lm",), "word_separator": ("lambada",),
+}  # fmt: skip
 DESCRIPTION = (
     "Score a GLM checkpoint (and a LoRA adapter trained on it) on an understanding task, as THUDM's evaluation "
     "does: multiple_choice (THUDM's rows: accuracy by each choice's summed log-probability), lm (perplexity over "
@@ -70,9 +76,13 @@ class EvaluateArguments:
     skip_bad_rows: bool = field(default=False, metadata={"help": "multiple_choice: skip and count bad rows."})
 
 
-def check_arguments(args):
+def check_arguments(args, given=frozenset()):
+    """`given`: the flags the user typed (a flag of another task is refused)."""
     if args.task not in TASKS:
         raise UserError(f"--task must be one of {', '.join(TASKS)}; got {args.task}")
+    for name in sorted(given):
+        if args.task not in TASK_FLAGS.get(name, TASKS):
+            raise UserError(f"--{name} applies to --task {' and '.join(TASK_FLAGS[name])}, not to --task {args.task}")
     for name in ("model_name_or_path", "data_file"):
         if not getattr(args, name):
             raise UserError(f"--{name} is required")
@@ -92,15 +102,15 @@ def load(args):
     return model, tokenizer
 
 
-def model_length(name: str, value: Optional[int], bound: Bound, model) -> int:
+def model_length(name: str, value: Optional[int], model) -> int:
     """`value` of length flag `name`, the model's max_sequence_length when not given, checked."""
     length = model.config.max_sequence_length if value is None else value
-    check_flag(name, length, bound, model_max=model.config.max_sequence_length)
+    check_lengths({name: length}, model.config.max_sequence_length)
     return length
 
 
 def evaluate_multiple_choice(args, model, tokenizer):
-    src_length = model_length("src_length", args.src_length, SRC_LENGTH, model)
+    src_length = model_length("src_length", args.src_length, model)
     builder = MultipleChoiceBuilder(tokenizer, src_length)
     rows = read_choice_rows(args.data_file, skip_bad_rows=args.skip_bad_rows)
     examples = build_choice_examples(rows, builder, os.path.basename(args.data_file))
@@ -123,7 +133,7 @@ def read_lines(path):
 
 
 def evaluate_lm(args, model, tokenizer):
-    seq_length = model_length("seq_length", args.seq_length, SEQ_LENGTH, model)
+    seq_length = model_length("seq_length", args.seq_length, model)
     if args.overlapping_eval is not None:
         check_flag("overlapping_eval", args.overlapping_eval, COUNT, high=seq_length - 1, high_is="seq_length - 1")
     lines = (line for _, line in read_lines(args.data_file))
@@ -136,7 +146,7 @@ def evaluate_lm(args, model, tokenizer):
 
 
 def evaluate_lambada(args, model, tokenizer):
-    seq_length = model_length("seq_length", args.seq_length, SEQ_LENGTH, model)
+    seq_length = model_length("seq_length", args.seq_length, model)
     rows, examples = lambada_examples(
         tokenizer, read_lines(args.data_file), seq_length, os.path.basename(args.data_file), args.mask_token,
         args.word_separator,
@@ -148,8 +158,8 @@ def evaluate_lambada(args, model, tokenizer):
     return metrics, (dict(row, correct=hit) for row, hit in zip(rows, correct))
 
 
-def evaluate(args):
-    check_arguments(args)
+def evaluate(args, given=frozenset()):
+    check_arguments(args, given)
     model, tokenizer = load(args)
     task = {"multiple_choice": evaluate_multiple_choice, "lm": evaluate_lm, "lambada": evaluate_lambada}[args.task]
     metrics, predictions = task(args, model, tokenizer)
@@ -167,7 +177,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     with command():
         (args,) = parse_flags((EvaluateArguments,), argv, description=DESCRIPTION)
-        return evaluate(args)
+        return evaluate(args, flag_names(argv))
 
 
 if __name__ == "__main__":

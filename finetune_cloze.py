@@ -41,8 +41,8 @@ def parse_cloze_arguments(argv):
 def main(argv=None, callbacks=()):
     with command():
         arguments = parse_cloze_arguments(sys.argv[1:] if argv is None else argv)
-        trainer = finetune_cloze(*arguments, callbacks=callbacks, task_recipe=DEFAULT_RECIPE,
-                                 given_flags=arguments.given_flags)
+        trainer = finetune_cloze(*arguments, callbacks=callbacks, given_flags=arguments.given_flags,
+                                 task_recipe=arguments.recipe_to_suggest(DEFAULT_RECIPE))
     return finish(trainer)
 
 

@@ -18,10 +18,10 @@ from typing import Optional
 from data import build_examples, read_rows
 from glm.cli.console import shown
 from glm.cli.process import command
-from glm.errors import UserError
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.jsonl import find_split_file
+from glm.prediction import EMBEDDED_DEFAULT_MODEL
 from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments
 from glm.training.run_record import data_fingerprint, model_fingerprint
 from glm.training.task import Task, TaskData, finish, run_task
@@ -31,7 +31,7 @@ from utils import GenerationTrainer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RECIPE = os.path.join(ROOT, "configs", "tiny-default.json")
-DEFAULT_OUTPUT = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # where predict_generation.py looks
+DEFAULT_OUTPUT = os.path.join(ROOT, EMBEDDED_DEFAULT_MODEL)  # where predict_generation.py and server.py look
 DEFAULTS = {"model_name_or_path": os.path.join(ROOT, "configs", "glm-tiny-chinese"),
             "dataset_name_or_path": os.path.join(ROOT, "demo_data"),
             "label_smoothing": 0.1}  # THUDM's glm-large-chinese recipe
@@ -68,11 +68,11 @@ class GenerationTask(Task):
 
     trainer_class = GenerationTrainer
     metric_labels = METRIC_LABELS
-    default_recipe = DEFAULT_RECIPE
 
-    def __init__(self, model_args, data_args, generation_args, training_args, given_flags=frozenset()):
+    def __init__(self, model_args, data_args, generation_args, training_args, given_flags=frozenset(),
+                 default_recipe=DEFAULT_RECIPE):
         super().__init__(model_args, training_args, given_flags)
-        self.data_args, self.generation_args = data_args, generation_args
+        self.data_args, self.generation_args, self.default_recipe = data_args, generation_args, default_recipe
 
     def prepare(self):
         self.generation_config = self.generation_args.config(self.data_args.tgt_length, seed=self.training_args.seed)
@@ -95,10 +95,7 @@ class GenerationTask(Task):
 
     def data(self, tokenizer) -> TaskData:
         data_args, training_args = self.data_args, self.training_args
-        try:
-            builder = GLMInputBuilder(tokenizer, data_args.src_length, data_args.tgt_length, data_args.mask_token)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        builder = GLMInputBuilder(tokenizer, data_args.src_length, data_args.tgt_length, data_args.mask_token)
         train_dataset = eval_dataset = eval_rows = None
         splits = []
         if training_args.do_train:
@@ -121,14 +118,17 @@ class GenerationTask(Task):
         )
 
 
-def run(model_args, data_args, generation_args, training_args, callbacks=(), given_flags=frozenset()):
-    return run_task(GenerationTask(model_args, data_args, generation_args, training_args, given_flags), callbacks)
+def run(model_args, data_args, generation_args, training_args, callbacks=(), given_flags=frozenset(),
+        default_recipe=DEFAULT_RECIPE):
+    task = GenerationTask(model_args, data_args, generation_args, training_args, given_flags, default_recipe)
+    return run_task(task, callbacks)
 
 
 def main(argv=None, callbacks=()):
     with command():
         arguments = parse_generation_arguments(sys.argv[1:] if argv is None else argv)
-        trainer = run(*arguments, callbacks=callbacks, given_flags=arguments.given_flags)
+        trainer = run(*arguments, callbacks=callbacks, given_flags=arguments.given_flags,
+                      default_recipe=arguments.recipe_to_suggest(DEFAULT_RECIPE))
     return finish(trainer)
 
 

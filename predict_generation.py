@@ -27,12 +27,12 @@ from glm.bounds import COUNT, check_flag
 from glm.errors import DataError, UserError
 from glm.files import atomic_file, crash_point, file_sha256, fsync_file, output_file_lock
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
-from glm.prediction import CheckpointArguments, Predictor, load_predictor, resolve_settings
+from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, Predictor, load_predictor, resolve_settings
 from glm.resumable_output import files_signature, publish_rows, resumable_rows
 from paddlenlp.utils.log import logger
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "glm-tiny-chinese")  # the embedded default, once finetuned
+DEFAULT_MODEL = os.path.join(ROOT, EMBEDDED_DEFAULT_MODEL)  # the embedded default, once finetuned
 
 
 @dataclass

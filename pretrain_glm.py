@@ -45,7 +45,7 @@ def main(argv=None, callbacks=()):
         arguments = parse_pretraining_arguments(sys.argv[1:] if argv is None else argv)
         model_args, corpus_args, objective_args, training_args = arguments
         trainer = pretrain(model_args, corpus_args, objective_args, training_args, callbacks=callbacks,
-                           task_recipe=DEFAULT_RECIPE, given_flags=arguments.given_flags,
+                           task_recipe=arguments.recipe_to_suggest(DEFAULT_RECIPE), given_flags=arguments.given_flags,
                            prepare=lambda tokenizer: prepare_on_demand(DEMO_CORPORA, "summary", tokenizer, corpus_args,
                                                                        training_args))
     return finish(trainer) if trainer is not None else None

@@ -17,17 +17,18 @@ from typing import Optional
 
 import uvicorn
 
-from glm.bounds import COUNT, check_flag
+from glm.bounds import COUNT, NON_NEGATIVE, POSITIVE, Bound, check_flag
 from glm.cli.arguments import parse_flags
 from glm.cli.console import ConsoleArguments, say
 from glm.cli.process import command
 from glm.errors import UserError
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
-from glm.prediction import CheckpointArguments, load_predictor, resolve_settings
+from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, load_predictor, resolve_settings
 from glm.serving.app import ServeOptions, create_app
 
 API_KEY_VARIABLE = "GLM_API_KEY"
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "glm-tiny-chinese")
+PORT = Bound(0, 65535)
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), EMBEDDED_DEFAULT_MODEL)
 
 
 @dataclass
@@ -53,10 +54,9 @@ def parse_arguments(argv):
     )
     resolve_settings(argv, model_args, generation_args, DEFAULT_MODEL)
     serve_args.api_key = serve_args.api_key or os.environ.get(API_KEY_VARIABLE) or None
-    for name in ("max_queue", "max_batch_rows", "max_body_bytes"):
-        check_flag(name, getattr(serve_args, name), COUNT)
-    if serve_args.drain_seconds < 0 or serve_args.request_timeout <= 0:
-        raise UserError("--drain_seconds must not be negative and --request_timeout must be positive")
+    for name, bound in (("max_queue", COUNT), ("max_batch_rows", COUNT), ("max_body_bytes", COUNT), ("port", PORT),
+                        ("drain_seconds", NON_NEGATIVE), ("request_timeout", POSITIVE)):
+        check_flag(name, getattr(serve_args, name), bound)
     return model_args, generation_args, serve_args, console_args
 
 

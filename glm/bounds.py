@@ -13,7 +13,7 @@ from .errors import UserError
 
 __all__ = [
     "Bound", "SRC_LENGTH", "TGT_LENGTH", "SEQ_LENGTH", "MIN_TGT_LENGTH", "COUNT", "NON_NEGATIVE", "RATIO",
-    "POSITIVE", "FINITE", "check_flag", "check_lengths", "length_problem",
+    "POSITIVE", "FINITE", "check_flag", "check_lengths", "length_bound",
 ]  # fmt: skip
 
 
@@ -65,18 +65,18 @@ def check_flag(name: str, value, bound: Bound, **limits):
         raise UserError(f"--{name} {problem}")
 
 
-def length_problem(name: str, value: int, model_max: int) -> Optional[str]:
-    """What is wrong with length `name` for a model of `model_max` positions, without its name, or None."""
-    bound = {"src_length": SRC_LENGTH, "tgt_length": TGT_LENGTH}.get(name, SEQ_LENGTH)
-    return bound.problem(value, model_max=model_max)
+def length_bound(name: str) -> Bound:
+    """The bound of length flag `name`: a source, a target, or a language-model window."""
+    return {"src_length": SRC_LENGTH, "tgt_length": TGT_LENGTH}.get(name, SEQ_LENGTH)
 
 
 def check_lengths(lengths: Dict[str, int], model_max: int, suggestion: str = ""):
     """A UserError for the first of `lengths` ({flag: value}) out of its bound for a model of `model_max`
-    positions; one above the model names what fits (`suggestion`: more ways out, e.g. a recipe)."""
+    positions; one above the model says what fits (`suggestion`: more ways out, e.g. a recipe)."""
     for name, value in lengths.items():
-        problem = length_problem(name, value, model_max)
-        if problem and problem.startswith(f"{value} exceeds"):
+        problem = length_bound(name).problem(value, model_max=model_max)
+        if problem is None:
+            continue
+        if isinstance(value, int) and value > model_max:
             raise UserError(f"--{name} {problem}: pass --{name} {model_max} or less" + suggestion)
-        if problem:
-            raise UserError(f"--{name} {problem}")
+        raise UserError(f"--{name} {problem}")

@@ -22,7 +22,6 @@ Peak = ~0.5 GiB of Python/Paddle + the converted model + under 2 GiB of copies o
 glm-large-sized float16 .bin, 356M parameters: peak RSS 1.2 GiB = 0.5 baseline + 0.66 model.)
 """
 
-import argparse
 import collections
 import inspect
 import json
@@ -38,6 +37,7 @@ import paddle
 from paddlenlp.transformers import GLMChineseTokenizer
 from paddlenlp.transformers.model_utils import no_init_weights
 
+from .cli.arguments import ArgumentParser
 from .cli.console import LOG_LEVELS, configure_logging
 from .cli.process import command
 from .configuration import GLMConfig
@@ -410,7 +410,7 @@ def convert_checkpoint(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m glm.convert",
         description="Convert a THUDM HuggingFace GLM checkpoint (config.json, model.safetensors or pytorch_model.bin, "
         "sharded or not, cog-pretrain.model) into config.json + model_state.pdparams + PaddleNLP tokenizer files.",
@@ -436,8 +436,8 @@ def main(argv=None):
         "float16 keeps a float32 10B checkpoint's conversion under 24 GiB of memory.",
     )
     parser.add_argument("--log_level", default="warning", choices=LOG_LEVELS, help="PaddleNLP's log lines (info: loading)")
-    args = parser.parse_args(argv)
     with command(also=(OSError,)):  # an OSError: e.g. a full disk while writing
+        args = parser.parse_args(argv)
         configure_logging(["--log_level", args.log_level])
         convert_checkpoint(args.input_dir, args.output_dir, args.eop_gmask_overlap, args.dtype)
 

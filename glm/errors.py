@@ -7,16 +7,32 @@ those that are also `ValueError`s are raised where a library caller expects a Va
 checkpoint that does not load, ...).
 """
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 __all__ = [
-    "UserError", "DataError", "CheckpointError", "TokenizerError", "AdapterError", "LoRAMergeError",
-    "ConversionError", "TrainingDiverged", "RequestError",
+    "UserError", "InvalidSettings", "DataError", "CheckpointError", "TokenizerError", "AdapterError",
+    "LoRAMergeError", "ConversionError", "TrainingDiverged", "RequestError",
 ]  # fmt: skip
 
 
 class UserError(Exception):
     """A mistake of the user's (a path, a flag, a config): reported in one line, exit status 2."""
+
+    def for_command_line(self) -> str:
+        """The line an entry script prints (after `error: `)."""
+        return str(self)
+
+
+class InvalidSettings(UserError, ValueError):
+    """Settings out of their bounds (glm.bounds): `problems` [(name, what is wrong)], said as `name problem`
+    by the library, `--name problem` on a command line, and per field in a request."""
+
+    def __init__(self, problems: List[Tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{name} {text}" for name, text in self.problems))
+
+    def for_command_line(self) -> str:
+        return "; ".join(f"--{name} {text}" for name, text in self.problems)
 
 
 class DataError(UserError, ValueError):

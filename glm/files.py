@@ -243,6 +243,8 @@ _created_dirs: Dict[str, str] = {}  # output_dir -> the outermost directory chec
 
 def check_writable(output_dir: str, flag: str = "--output_dir"):
     """Fail before any work, not at the final save, when `output_dir` cannot be written."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{flag} {output_dir} is a file, not a directory")
     outermost = None
     parent = os.path.abspath(output_dir)
     while not os.path.exists(parent):

@@ -22,6 +22,7 @@ import paddle
 
 from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, TGT_LENGTH
 from .decoding_cache import DecodingCache, DecodingMask, DecodingMaskGroup
+from .errors import InvalidSettings
 from .packed_gemm import packed_transposed
 from .tokenization import GLMSpecialIds
 
@@ -51,9 +52,10 @@ class GenerationConfig:
     def __post_init__(self):
         problems = []
         if self.decode_strategy not in DECODE_STRATEGIES:
-            problems.append(f"decode_strategy must be one of {', '.join(DECODE_STRATEGIES)}")
+            problems.append(("decode_strategy", f"must be one of {', '.join(DECODE_STRATEGIES)}; got {self.decode_strategy}"))
         if self.length_penalty_form not in LENGTH_PENALTY_FORMS:
-            problems.append(f"length_penalty_form must be one of {', '.join(LENGTH_PENALTY_FORMS)}")
+            problems.append(("length_penalty_form", f"must be one of {', '.join(LENGTH_PENALTY_FORMS)}; got "
+                                                    f"{self.length_penalty_form}"))
         ranges = [("tgt_length", TGT_LENGTH, {}), ("num_beams", COUNT, {}), ("num_return_sequences", COUNT, {}),
                   ("no_repeat_ngram_size", NON_NEGATIVE, {}), ("top_k", NON_NEGATIVE, {}), ("top_p", RATIO, {}),
                   ("temperature", POSITIVE, {}), ("length_penalty", FINITE, {})]
@@ -62,13 +64,15 @@ class GenerationConfig:
         for name, bound, limits in ranges:
             problem = bound.problem(getattr(self, name), **limits)
             if problem:
-                problems.append(f"{name} {problem}")
-        if self.decode_strategy == "beam_search" and self.num_return_sequences > self.num_beams:
-            problems.append("num_return_sequences cannot exceed num_beams in beam search")
-        if self.decode_strategy == "greedy_search" and self.num_return_sequences > 1:
-            problems.append("greedy search returns one sequence: use sampling or beam search for more")
+                problems.append((name, problem))
+        if not problems and self.decode_strategy == "beam_search" and self.num_return_sequences > self.num_beams:
+            problems.append(("num_return_sequences", f"cannot exceed num_beams ({self.num_beams}) in beam search; "
+                                                     f"got {self.num_return_sequences}"))
+        if not problems and self.decode_strategy == "greedy_search" and self.num_return_sequences > 1:
+            problems.append(("num_return_sequences", "must be 1 with greedy search (sampling or beam search give "
+                                                     f"more); got {self.num_return_sequences}"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidSettings(problems)
 
 
 class BeamHypotheses:

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .errors import UserError
 from .generation import GenerationConfig
 
 __all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding"]
@@ -30,24 +29,22 @@ class GenerationArguments:
     num_return_sequences: int = field(default=1, metadata={"help": "Answers kept per blank (prediction)."})
 
     def config(self, tgt_length: int, seed: Optional[int] = None) -> GenerationConfig:
-        try:
-            return GenerationConfig(
-                decode_strategy=self.decode_strategy,
-                tgt_length=tgt_length,
-                min_tgt_length=self.min_tgt_length,
-                num_beams=self.num_beams,
-                length_penalty=self.length_penalty,
-                length_penalty_form=self.length_penalty_form,
-                select_topk=self.select_topk,
-                no_repeat_ngram_size=self.no_repeat_ngram_size,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                temperature=self.temperature,
-                num_return_sequences=self.num_return_sequences,
-                seed=seed,
-            )
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        """These settings for answers of at most `tgt_length` tokens; InvalidSettings names each bad one."""
+        return GenerationConfig(
+            decode_strategy=self.decode_strategy,
+            tgt_length=tgt_length,
+            min_tgt_length=self.min_tgt_length,
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
+            length_penalty_form=self.length_penalty_form,
+            select_topk=self.select_topk,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            num_return_sequences=self.num_return_sequences,
+            seed=seed,
+        )
 
 
 # Written by finetune_generation.py beside the model: the input lengths and decoding flags it was

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .bounds import SRC_LENGTH, TGT_LENGTH
+from .errors import InvalidSettings
 from .tokenization import GLMSpecialIds, special_token_ids
 
 __all__ = [
@@ -56,12 +57,13 @@ class GLMInputBuilder:
     """
 
     def __init__(self, tokenizer, src_length: int, tgt_length: int, mask_token: str = "[gMASK]"):
-        if mask_token not in MASK_TOKENS:
-            raise ValueError(f"mask_token must be one of {', '.join(MASK_TOKENS)}; got {mask_token!r}")
+        problems = [] if mask_token in MASK_TOKENS else [("mask_token", f"must be one of {', '.join(MASK_TOKENS)}; got {mask_token!r}")]
         for name, value, bound in (("src_length", src_length, SRC_LENGTH), ("tgt_length", tgt_length, TGT_LENGTH)):
             problem = bound.problem(value)
             if problem:
-                raise ValueError(f"{name} {problem}")
+                problems.append((name, problem))
+        if problems:
+            raise InvalidSettings(problems)
         self.tokenizer = tokenizer
         self.ids: GLMSpecialIds = special_token_ids(tokenizer)
         self.src_length = src_length

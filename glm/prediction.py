@@ -18,9 +18,12 @@ from .generation_settings import GenerationArguments, apply_checkpoint_settings,
 from .inputs import MASK_TOKENS, GLMInputBuilder
 from .loading import load_model_and_tokenizer
 
-__all__ = ["Predictor", "CheckpointArguments", "resolve_settings", "load_predictor", "BLANK"]
+__all__ = ["Predictor", "CheckpointArguments", "resolve_settings", "load_predictor", "BLANK", "EMBEDDED_DEFAULT_MODEL"]
 
 BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
+# In the checkout: where finetune_generation.py writes the embedded default, and where predict_generation.py
+# and server.py look for it without --model_name_or_path.
+EMBEDDED_DEFAULT_MODEL = os.path.join("checkpoints", "glm-tiny-chinese")
 
 
 class Predictor:
@@ -41,10 +44,7 @@ class Predictor:
             model_name_or_path, None if dtype == "float32" else dtype, lora_path=lora_path, force=force,
             lengths={"src_length": src_length, "tgt_length": tgt_length})
         model.eval()
-        try:
-            self.builder = GLMInputBuilder(self.tokenizer, src_length, tgt_length, mask_token)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        self.builder = GLMInputBuilder(self.tokenizer, src_length, tgt_length, mask_token)
         self.config = generation_args.config(tgt_length, seed=seed)
         self.generator = GLMGenerator(model, self.builder.ids, default_banned_ids(model.config, self.tokenizer))
         self.batch_size = batch_size

@@ -193,6 +193,7 @@ def test_multiple_choice_accuracy_and_predictions(model_dir, tmp_path):
         (["--task", "lm", "--data_file", "/nonexistent.txt"], "/nonexistent.txt: no such file"),
         (["--task", "lm", "--seq_length", "500"], "--seq_length 500 exceeds the model's max_sequence_length 64"),
         (["--task", "lm", "--seq_length", "10", "--overlapping_eval", "10"], "--overlapping_eval must be between 1 and 9 (seq_length - 1); got 10"),
+        (["--task", "lm", "--src_length", "40"], "--src_length applies to --task multiple_choice, not to --task lm"),
         (["--task", "lambada", "--bad_lambada"], "needs a context and a last word"),
         (["--task", "lambada", "--empty_file"], "empty.txt: no lines to score (the file is empty)"),
         (["--task", "lambada", "--blank_file"], "blank.txt: no lines to score (the file holds only whitespace)"),

@@ -162,7 +162,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(micro_model, micro_data, 
     [
         (["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model: no such model directory"),
         (["--dataset_name_or_path", "/nonexistent/data"], "/nonexistent/data: no such dataset directory"),
-        (["--no_such_flag", "1"], "not used by the PdArgumentParser: ['--no_such_flag', '1']"),
+        (["--no_such_flag", "1"], "unknown flag --no_such_flag (--help lists the flags)"),
         (["--src_length", "500"], "--src_length 500 exceeds the model's max_sequence_length 128"),
         (["--num_beams", "2", "--num_return_sequences", "3"], "num_return_sequences cannot exceed num_beams"),
     ],

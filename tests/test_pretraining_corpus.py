@@ -179,3 +179,20 @@ def test_a_worker_ends_at_sigterm_whatever_handler_its_parent_set(tokenizer):
         context = multiprocessing.get_context("fork")
         with context.Pool(1, initializer=_start_worker, initargs=(proto, os.getpid())) as pool:
             assert pool.apply(signal_dispositions) == (signal.SIG_DFL, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_child_forked_under_the_stop_handlers_ends_at_the_signal_instead_of_running_on(signum):
+    """A pool terminated while it forks a worker signals the worker before its initializer runs: the handler
+    it inherited raised there, unwinding the parent's copied stack, and the worker ran on as a second copy
+    of the command (a whole second test session, once; the first then waited for it forever)."""
+    with exit_on_user_error():
+        pid = os.fork()
+        if pid == 0:  # the child: the signal before any handler of its own
+            try:
+                os.kill(os.getpid(), signum)
+                signal.sigtimedwait([], 5) if hasattr(signal, "sigtimedwait") else None
+            finally:
+                os._exit(7)  # reached only when the signal raised in the child instead of ending it
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signum, status

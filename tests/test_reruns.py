@@ -127,6 +127,27 @@ def test_a_resume_with_other_settings_is_refused_naming_each_flag(
     assert global_step(tmp_path) == int(dict(zip(flags[::2], flags[1::2])).get("--max_steps", 10))
 
 
+def test_a_start_afresh_refused_at_loading_leaves_the_earlier_run_as_it_was(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    """--overwrite_output_dir clears the earlier run only once nothing of the new one can be refused (it used to
+    clear it before loading the model: a length the model refuses then cost the earlier run)."""
+    stopped(capsys, micro_model, micro_data, tmp_path, *FLAGS, callbacks=[StopAtSave(5)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = stopped(capsys, micro_model, micro_data, tmp_path, *FLAGS, "--src_length", "1000", "--overwrite_output_dir",
+                   code=2)
+    assert "--src_length 1000 exceeds the model's max_sequence_length" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and "checkpoint-5" in before
+    run(micro_model, micro_data, tmp_path, *FLAGS)  # the earlier run continues
+    assert global_step(tmp_path) == 10
+
+
+def test_abbreviated_or_mistyped_flags_are_refused_naming_the_flag_meant(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    """argparse took --max_step for --max_steps without a word; a typo got PaddleNLP's 'not used' list."""
+    for typed, meant in (("--max_step", "--max_steps"), ("--learnig_rate", "--learning_rate")):
+        line = stopped(capsys, micro_model, micro_data, tmp_path, typed, "30", code=2)
+        assert line.startswith(f"error: unknown flag {typed} (did you mean {meant}?)"), line
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_other_data_is_refused_a_moved_copy_resumes_and_more_steps_continue(
     micro_model, micro_data, tmp_path, capsys  # noqa: F811
 ):

@@ -53,6 +53,8 @@ def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits
         (["--max_queue", "0"], "--max_queue must be at least 1"),
         (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
         (["--decode_strategy", "beam"], "decode_strategy must be one of"),
+        (["--port", "99999"], "--port must be between 0 and 65535; got 99999"),  # a traceback before
+        (["--request_timeout", "nan"], "--request_timeout must be a finite number; got nan"),  # no timeout at all
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(micro_weights_model, tmp_path, capsys, flags, message):  # noqa: F811

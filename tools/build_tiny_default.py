@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from glm import GLMConfig  # noqa: E402
+from glm.cli.arguments import ArgumentParser  # noqa: E402
 from glm.cli.process import command  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 from paddlenlp.transformers import AutoTokenizer, GLMChineseTokenizer  # noqa: E402
@@ -319,12 +320,11 @@ def build(output_root):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_root", default=ROOT,
                         help=f"where {DATA_DIR}/ and {MODEL_DIR}/ go (default: the repository)")
-    args = parser.parse_args(argv)
     with command(also=(OSError,)), quiet_paddlenlp():
-        build(args.output_root)
+        build(parser.parse_args(argv).output_root)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+from glm.bounds import COUNT, check_flag  # noqa: E402
+from glm.cli.arguments import ArgumentParser, switch  # noqa: E402
 from glm.cli.console import progress_bar, shown  # noqa: E402
 from glm.cli.process import command  # noqa: E402
 from glm.pretraining.corpus import describe_preparation, prepare_corpus  # noqa: E402
@@ -25,20 +27,22 @@ from paddlenlp.utils.log import logger  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text or JSON Lines files, in order")
     parser.add_argument("--output_dir", required=True, help="the corpus directory to write (new or empty)")
     parser.add_argument("--model_name_or_path", required=True,
                         help="the model (or tokenizer) directory whose tokenizer pretraining will use")
     parser.add_argument("--text_key", default="text", help="JSON Lines: the field holding a document's text")
-    parser.add_argument("--blank_line_documents", action="store_true",
+    parser.add_argument("--blank_line_documents", type=switch, nargs="?", const=True, default=False,
                         help="plain text: documents are separated by empty lines (default: one document a line)")
     parser.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
                         help="tokenizing processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --output_dir")
-    args = parser.parse_args(argv)
+    parser.add_argument("--overwrite", type=switch, nargs="?", const=True, default=False,
+                        help="replace a corpus already in --output_dir")
     logger.set_level("WARNING")  # PaddleNLP's tokenizer loading lines
     with command():
+        args = parser.parse_args(argv)
+        check_flag("workers", args.workers, COUNT)
         tokenizer = load_tokenizer(args.model_name_or_path)
         started = time.time()
         total = sum(os.path.getsize(path) for path in args.input if os.path.isfile(path)) / 2**20

@@ -1,12 +1,15 @@
 """Reading a command line into argument dataclasses (PaddleNLP's PdArgumentParser), the same way in every
 entry script: PaddleNLP's log level set first (parsing logs already), help with the defaults that mean
-something, a bad flag or value as one line (a UserError), and the flags the user gave remembered.
+something, a bad flag or value as one line (a UserError, naming the flag meant when one was mistyped), no
+abbreviated flags (argparse would take `--max_step` for `--max_steps` without a word), and the flags the
+user gave remembered. Tools with plain argparse flags use `ArgumentParser`, which behaves the same.
 
 Training scripts read `RECIPE.json [--flag value ...]` (`command_line`): a recipe first, flags after it
 overriding it; or flags alone on top of the task's embedded default recipe.
 """
 
 import argparse
+import difflib
 import os
 from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Sequence
@@ -16,7 +19,10 @@ from paddlenlp.trainer import PdArgumentParser
 from ..errors import UserError
 from .console import ConsoleArguments, configure_logging
 
-__all__ = ["HelpFormatter", "flag_names", "parser_for", "parse_flags", "CommandLine", "command_line"]
+__all__ = [
+    "HelpFormatter", "ArgumentParser", "FlagParser", "switch", "flag_names", "parser_for", "parse_flags",
+    "CommandLine", "command_line",
+]  # fmt: skip
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -27,15 +33,66 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class _OneLine:
+    """argparse's errors as one UserError line (no usage text), no abbreviated flags, and a flag nobody
+    defined refused with the flag that was probably meant."""
+
+    def error(self, message):
+        raise UserError(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        if remaining:
+            raise UserError(self.unknown(remaining))
+        return namespace, remaining
+
+    def unknown(self, remaining: List[str]) -> str:
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        said, after_flag = [], False
+        for arg in remaining:
+            if not arg.startswith("-"):
+                if not after_flag:  # else: the value of the unknown flag before it
+                    said.append(f"unexpected argument {arg!r}")
+                continue
+            after_flag = True
+            flag = arg.split("=")[0]
+            meant = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            said.append(f"unknown flag {flag}" + (f" (did you mean {meant[0]}?)" if meant else ""))
+        return "; ".join(dict.fromkeys(said)) + " (--help lists the flags)"
+
+
+class ArgumentParser(_OneLine, argparse.ArgumentParser):
+    """argparse for the tools' plain flags, with the entry scripts' one-line errors and no abbreviations."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+
+class FlagParser(_OneLine, PdArgumentParser):
+    """PdArgumentParser (flags from dataclasses) with one-line errors and no abbreviations."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+
+def switch(value: str) -> bool:
+    """A tool's on/off flag read as the dataclass flags are: `--force`, `--force true`, `--force false`."""
+    if value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def flag_names(argv: Sequence[str]) -> FrozenSet[str]:
     """The names (without dashes) of the flags in `argv`."""
     return frozenset(arg[2:].split("=")[0] for arg in argv if arg.startswith("--"))
 
 
-def parser_for(dataclass_types: Sequence[type], description: Optional[str] = None) -> PdArgumentParser:
+def parser_for(dataclass_types: Sequence[type], description: Optional[str] = None) -> FlagParser:
     """A parser of `dataclass_types` and the log-level flags (ConsoleArguments, last, unless among them)."""
     extra = () if ConsoleArguments in dataclass_types else (ConsoleArguments,)
-    return PdArgumentParser(tuple(dataclass_types) + extra, formatter_class=HelpFormatter, description=description)
+    return FlagParser(tuple(dataclass_types) + extra, formatter_class=HelpFormatter, description=description)
 
 
 def parse_flags(dataclass_types: Sequence[type], argv: List[str], description: Optional[str] = None) -> tuple:
@@ -63,7 +120,7 @@ class CommandLine:
         return flag_names(self.user_flags)
 
 
-def command_line(argv: Sequence[str], default_argv: Sequence[str], parser: PdArgumentParser) -> CommandLine:
+def command_line(argv: Sequence[str], default_argv: Sequence[str], parser: FlagParser) -> CommandLine:
     """`RECIPE.json [--flag value ...]`, or flags alone. Flags alone without --model_name_or_path override
     `default_argv` (the embedded default recipe, then its own flags such as its output dir): every flag,
     the tiny model and its lengths stay together. With --model_name_or_path and no recipe, the parser's

@@ -1,19 +1,19 @@
 """What running as a command means, for every entry script and tool (`with command():`): Paddle computes on
 every core this process may use, a user's mistake ends in one line (`error: ...`, exit status 2) instead
 of a traceback, and an interruption (Ctrl-C, SIGTERM) in one line that says how to go on (exit 128 +
-signal). Either way progress bars are closed first, so that line is the last one, and what `at_exit`
-registered (the output locks) is released."""
+signal). Either way progress bars are closed first, so that line is the last one; the output locks are
+released on the way out by the `with` that holds them (glm.files)."""
 
 import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 from ..errors import UserError
 
-__all__ = ["command", "exit_on_user_error", "use_all_cores", "on_interrupt", "at_exit", "Terminated", "compute_threads"]
+__all__ = ["command", "exit_on_user_error", "use_all_cores", "on_interrupt", "Terminated", "compute_threads"]
 
 
 class Terminated(BaseException):
@@ -57,7 +57,6 @@ def compute_threads() -> int:
 
 
 _interrupt_note: Optional[Union[str, Callable[[], str]]] = None
-_exit_cleanups: List[Callable[[], None]] = []
 
 
 def on_interrupt(note: Optional[Union[str, Callable[[], str]]]):
@@ -67,26 +66,28 @@ def on_interrupt(note: Optional[Union[str, Callable[[], str]]]):
     _interrupt_note = note
 
 
-def at_exit(cleanup: Callable[[], None]):
-    """Run `cleanup` before the one line of an error or interruption (also when the caller is a test that
-    keeps the process alive; atexit covers uncaught exceptions)."""
-    if cleanup not in _exit_cleanups:
-        _exit_cleanups.append(cleanup)
-
-
 def _stop(line: str, status: int):
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # a bar's final redraw would follow the line
         bar.close()
-    for cleanup in _exit_cleanups:
-        cleanup()
     print(line, file=sys.stderr, flush=True)
     sys.exit(status)
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+_handler_pid: Optional[int] = None  # the process exit_on_user_error installed _raise_stop in
+
+
+def _raise_stop(signum, frame):
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt, raised where the process is."""
+    if os.getpid() != _handler_pid:
+        # A forked child (a multiprocessing worker) signalled before it could reset the handler it inherited:
+        # raising there would unwind the parent's copied stack in the child, which then ran on as a second
+        # copy of the command (seen: a pool terminated while it forked a worker). It ends as the signal ends it.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
@@ -94,20 +95,23 @@ def exit_on_user_error(also: tuple = ()):
     """Turns a user's mistake (a UserError, or one of `also`, e.g. OSError where a tool writes its output)
     into `error: message` on stderr and exit status 2, and Ctrl-C / SIGTERM into `stopped by ...` with
     the `on_interrupt` note and exit status 130 / 143."""
+    global _handler_pid
     on_interrupt(None)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    _handler_pid = os.getpid()
+    handled = (signal.SIGTERM,) + ((signal.SIGINT,) if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else ())
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in handled} if main_thread else {}
     try:
         yield
     except (UserError, *also) as error:
-        _stop(f"error: {error}", 2)
+        _stop(f"error: {error.for_command_line() if isinstance(error, UserError) else error}", 2)
     except (KeyboardInterrupt, Terminated) as stop:
         how, signum = ("SIGTERM", signal.SIGTERM) if isinstance(stop, Terminated) else ("Ctrl-C (SIGINT)", signal.SIGINT)
         note = _interrupt_note() if callable(_interrupt_note) else _interrupt_note
         _stop(f"stopped by {how}" + (f": {note}" if note else ""), 128 + signum)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 answers that every endpoint shares (OpenAI's error object, Server-Sent Events).
 
 GLM's own settings are accepted under predict_generation.py's flag names: the fields of
-glm.prediction.GenerationArguments, read from it, so a flag predict gains is accepted here too. What a
+glm.generation_settings.GenerationArguments, read from it, so a flag predict gains is accepted here too. What a
 request does not set comes from the server's settings, resolved as predict resolves its flags (flags
 given, then the checkpoint's generation_settings.json, then the built-ins). OpenAI's names map onto
 them: max_tokens -> tgt_length, n -> num_return_sequences, temperature 0 -> greedy search, and a
@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..bounds import TGT_LENGTH
-from ..errors import RequestError
+from ..errors import InvalidSettings, RequestError
 from ..generation import GenerationConfig
 from ..generation_settings import GenerationArguments
 
@@ -85,14 +85,12 @@ def decoding_config(request: BaseModel, defaults: GenerationArguments, default_t
     arguments = dataclasses.replace(defaults, **{name: value for name, value in given.items() if name in fields})
     if "min_tgt_length" not in given:  # the server's minimum never makes a short max_tokens an error
         arguments.min_tgt_length = min(arguments.min_tgt_length, tgt_length)
-    if arguments.decode_strategy == "beam_search" and arguments.num_return_sequences > arguments.num_beams:
-        name = "n" if "n" in request.model_fields_set else "num_return_sequences"
-        raise RequestError(name, f"{arguments.num_return_sequences} answers need as many beams; num_beams is {arguments.num_beams}")
     try:
         return arguments.config(tgt_length, seed=given.get("seed"))
-    except Exception as error:  # the config's own checks (UserError), each naming its field first
-        message = str(error)
-        raise RequestError(None, message) from None
+    except InvalidSettings as error:  # the config's own checks: the first, under the name the request used
+        name, problem = error.problems[0]
+        openai_name = {"tgt_length": "max_tokens", "num_return_sequences": "n"}.get(name)
+        raise RequestError(openai_name if openai_name in request.model_fields_set else name, problem) from None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param=None) -> bytes:

@@ -70,15 +70,22 @@ class DatasetArguments:
 
 
 class ParsedArguments(tuple):
-    """The parsed argument dataclasses, in the order asked for (it unpacks as a tuple), and `given_flags`:
-    the names of the flags the user typed (an explicit --do_eval evaluates a finished run again)."""
+    """The parsed argument dataclasses, in the order asked for (it unpacks as a tuple); `given_flags`, the
+    names of the flags the user typed (an explicit --do_eval evaluates a finished run again); `recipe`, the
+    recipe the run reads (None: the built-in defaults)."""
 
     given_flags: FrozenSet[str]
+    recipe: Optional[str]
 
-    def __new__(cls, parsed, given_flags):
+    def __new__(cls, parsed, given_flags, recipe):
         instance = super().__new__(cls, parsed)
-        instance.given_flags = frozenset(given_flags)
+        instance.given_flags, instance.recipe = frozenset(given_flags), recipe
         return instance
+
+    def recipe_to_suggest(self, recipe: str) -> Optional[str]:
+        """`recipe` (the task's embedded default), to be suggested when a length does not fit the model,
+        unless this run reads it already."""
+        return None if self.recipe and os.path.abspath(self.recipe) == os.path.abspath(recipe) else recipe
 
 
 def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, defaults: Optional[Dict[str, str]] = None,
@@ -139,7 +146,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
         source = shown(line.recipe) + (" (the embedded default)" if embedded else "")
     if training_args.should_log:
         say(f"recipe   {source}" + (f" + {' '.join(line.user_flags)}" if line.user_flags else ""))
-    return ParsedArguments(parsed, given)
+    return ParsedArguments(parsed, given, line.recipe)
 
 
 def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:

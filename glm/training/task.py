@@ -5,10 +5,11 @@ arguments, data, inputs and trainer class; `run_task` owns the rest, in this ord
     precision            fp16/bf16 O2 where Paddle has the kernels (resolve_amp)
     run settings         what determines the result (run_record.run_settings), passed to the trainer
     with the output dir's lock:
-      resume decision    decide_resume (reads only), then prepare_output_dir (its side effects)
+      resume decision    decide_resume (reads only)
       seed               before the model exists: a random init depends on it
       loading            the one loader (lengths checked), a new LoRA adapter applied when asked
       data               the task's datasets, collator and trainer arguments, built with the tokenizer
+      output dir         prepare_output_dir: the decision's side effects, once nothing can be refused
       trainer            the task's GLMTrainer subclass, given the run settings and the base's fingerprint
       train and evaluate driver.train_and_evaluate
     data-parallel workers leave together (`finish`)
@@ -103,11 +104,11 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
     settings = run_settings((model_args, *task.recorded_arguments(), args), inputs=task.inputs())
     with output_dir_lock(args.output_dir, hold=args.do_train and args.should_save):
         resume = decide_resume(args, settings)
-        prepare_output_dir(args, resume)
         set_seed(args.seed)
         model, tokenizer, base = load_for_training(model_args, dtype, task.lengths(), task.model_class,
                                                    task.default_recipe, **task.config_overrides())
         data = task.data(tokenizer)
+        prepare_output_dir(args, resume)  # last: a model or data refused above leaves --output_dir as it was
         trainer = task.trainer_class(
             model=model, args=args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
             tokenizer=tokenizer, data_collator=data.collator, callbacks=list(callbacks),
@@ -129,6 +130,9 @@ def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GL
     not names `task_recipe`, the task's embedded default recipe, when that fits); with --lora the adapter
     is applied and only it trains."""
 
+    if model_args.lora:
+        check_flag("lora_rank", model_args.lora_rank, COUNT)
+
     def suggest(limit: int) -> str:
         return f", or the recipe {shown(task_recipe)}" if recipe_fits(task_recipe, lengths, limit) else ""
 
@@ -138,7 +142,6 @@ def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GL
     )  # fmt: skip
     if not model_args.lora:
         return model, tokenizer, None
-    check_flag("lora_rank", model_args.lora_rank, COUNT)
     if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
         raise UserError(
             f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "

@@ -12,7 +12,7 @@ import paddle
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer.trainer_utils import EvalLoopOutput
 
-from ..cli.console import progress_bar
+from ..cli.console import progress_bar, shown
 from ..errors import UserError
 from ..files import write_jsonl_atomic
 from ..inputs import MultipleChoiceBuilder, collate_multiple_choice
@@ -108,20 +108,20 @@ class ClozeTask(Task):
         return self.data_args.eval_before_training
 
     def data(self, tokenizer) -> TaskData:
-        try:
-            builder = MultipleChoiceBuilder(tokenizer, self.data_args.src_length)
-        except ValueError as error:
-            raise UserError(str(error)) from None
+        builder = MultipleChoiceBuilder(tokenizer, self.data_args.src_length)
         train_dataset = eval_dataset = None
-        eval_rows, eval_examples = [], []
+        eval_rows, eval_examples, splits = [], [], []
         if self.training_args.do_train:
             train_dataset = MapDataset([e.features() for e in load_split(self.data_args, "train", builder)[1]])
+            splits.append(f"{len(train_dataset)} train rows")
         if self.training_args.do_eval or self.data_args.eval_before_training:
             eval_rows, eval_examples = load_split(self.data_args, "dev", builder)
             eval_dataset = MapDataset([e.features() for e in eval_examples])
+            splits.append(f"{len(eval_rows)} dev rows scored")
         return TaskData(
             train_dataset, eval_dataset, partial(collate_multiple_choice, pad_id=builder.ids.pad),
             trainer_arguments=dict(eval_examples=eval_examples, eval_rows=eval_rows, pad_id=builder.ids.pad),
+            about={"data": f"{shown(self.data_args.dataset_name_or_path)}: {', '.join(splits)}"},
         )
 
 
