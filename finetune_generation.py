@@ -18,9 +18,11 @@ from typing import Optional
 from data import build_examples, read_rows
 from glm.cli.console import shown
 from glm.cli.process import command
+from glm.generation import rows_per_source
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.jsonl import find_split_file
+from glm.memory.estimate import DecodingLoad
 from glm.prediction import EMBEDDED_DEFAULT_MODEL
 from glm.training.arguments import DatasetArguments, ModelArguments, parse_arguments
 from glm.training.run_record import data_fingerprint, model_fingerprint
@@ -92,6 +94,13 @@ class GenerationTask(Task):
 
     def eval_before_training(self):
         return self.data_args.eval_before_training
+
+    def row_tokens(self):
+        return self.data_args.src_length + self.data_args.tgt_length, self.data_args.tgt_length
+
+    def evaluation_decoding(self, shape):
+        return DecodingLoad(shape, self.training_args.per_device_eval_batch_size, self.data_args.src_length,
+                            self.data_args.tgt_length, rows_per_source(self.generation_config))
 
     def data(self, tokenizer) -> TaskData:
         data_args, training_args = self.data_args, self.training_args

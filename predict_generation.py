@@ -27,7 +27,15 @@ from glm.bounds import COUNT, check_flag
 from glm.errors import DataError, UserError
 from glm.files import atomic_file, crash_point, file_sha256, fsync_file, output_file_lock
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
-from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, Predictor, load_predictor, resolve_settings
+from glm.memory.plan import header_line, memory_summary
+from glm.prediction import (
+    EMBEDDED_DEFAULT_MODEL,
+    CheckpointArguments,
+    Predictor,
+    decoding_memory_plan,
+    load_predictor,
+    resolve_settings,
+)
 from glm.resumable_output import files_signature, publish_rows, resumable_rows
 from paddlenlp.utils.log import logger
 
@@ -63,7 +71,8 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
     """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
     data_sha256 = file_sha256(args.data_file)
     model = args.model_path(DEFAULT_MODEL)
-    settings = {k: v for k, v in asdict(args).items() if k not in ("output_file", "overwrite_output", "batch_size", "force")}
+    free = ("output_file", "overwrite_output", "batch_size", "force", "ignore_memory_check")
+    settings = {k: v for k, v in asdict(args).items() if k not in free}
     fingerprint = {
         "data_file_sha256": data_sha256,
         "model": [os.path.abspath(model), files_signature(model)],
@@ -167,11 +176,15 @@ def main(argv=None):
                 if not os.path.isfile(args.data_file):
                     raise DataError(f"{args.data_file}: no such file")
                 fingerprint = output_fingerprint(args, generation_args)
+            memory = decoding_memory_plan(args, generation_args, DEFAULT_MODEL, args.batch_size)
+            if memory is not None:
+                say(f"memory   {header_line(memory)}")
             predictor = load_predictor(args, generation_args, DEFAULT_MODEL, args.seed, args.batch_size)
             if args.data_file:
                 predict_file(predictor, args, fingerprint)
             else:
                 predict_stdin(predictor, args)
+            say(memory_summary(memory))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,20 @@ import paddle
 
 from .cli.arguments import flag_names
 from .cli.console import say, shown
-from .errors import UserError
-from .generation import GLMGenerator, default_banned_ids, generate_answers
+from .errors import CheckpointError, UserError
+from .generation import GLMGenerator, default_banned_ids, generate_answers, rows_per_source
 from .generation_settings import GenerationArguments, apply_checkpoint_settings, describe_decoding
 from .inputs import MASK_TOKENS, GLMInputBuilder
 from .loading import load_model_and_tokenizer
+from .memory.estimate import DecodingLoad
+from .memory.measure import current_memory_bytes, on_gpu
+from .memory.plan import Plan, decoding_plan, refuse_if_it_cannot_fit
+from .memory.shapes import model_shape
 
-__all__ = ["Predictor", "CheckpointArguments", "resolve_settings", "load_predictor", "BLANK", "EMBEDDED_DEFAULT_MODEL"]
+__all__ = [
+    "Predictor", "CheckpointArguments", "resolve_settings", "load_predictor", "decoding_memory_plan", "BLANK",
+    "EMBEDDED_DEFAULT_MODEL",
+]  # fmt: skip
 
 BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 # In the checkout: where finetune_generation.py writes the embedded default, and where predict_generation.py
@@ -82,6 +89,9 @@ class CheckpointArguments:
     tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
     mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
     dtype: str = field(default="float32", metadata={"help": "float32, or float16/bfloat16 on a GPU."})
+    ignore_memory_check: bool = field(
+        default=False, metadata={"help": "Run even when the memory plan says decoding needs more than is available."}
+    )
 
     def model_path(self, default_model: str) -> str:
         return self.model_name_or_path or default_model
@@ -93,6 +103,22 @@ def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args
     source = shown(settings_file) if settings_file else "built-in defaults"
     say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
         f"(flags given, then {source})")
+
+
+def decoding_memory_plan(args: CheckpointArguments, generation_args: GenerationArguments, default_model: str,
+                         batch_size: int) -> Optional[Plan]:
+    """The memory plan of decoding `batch_size` sources at the flags' lengths (None for a model whose shape
+    is unknown: loading says what is wrong with it); refused in one line when it cannot fit."""
+    try:
+        shape = model_shape(args.model_path(default_model))
+    except CheckpointError:
+        return None
+    rows = rows_per_source(generation_args.config(args.tgt_length))
+    plan = decoding_plan(DecodingLoad(shape, batch_size, args.src_length, args.tgt_length, rows, half=args.dtype != "float32",
+                                      gpu=on_gpu()), runtime=None if on_gpu() else current_memory_bytes())
+    if not args.ignore_memory_check:
+        refuse_if_it_cannot_fit(plan)
+    return plan
 
 
 def load_predictor(args: CheckpointArguments, generation_args: GenerationArguments, default_model: str,

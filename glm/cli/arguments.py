@@ -67,6 +67,10 @@ class ArgumentParser(_OneLine, argparse.ArgumentParser):
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
 
+    def parse_own(self, args):
+        """(namespace, the arguments that are not this parser's): for a tool that hands the rest on."""
+        return argparse.ArgumentParser.parse_known_args(self, args)
+
 
 class FlagParser(_OneLine, PdArgumentParser):
     """PdArgumentParser (flags from dataclasses) with one-line errors and no abbreviations."""

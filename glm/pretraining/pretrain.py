@@ -120,6 +120,24 @@ class Stream:
     sentence_end: object
 
 
+def planned_row_tokens(objective_args) -> Tuple[int, int]:
+    """(tokens, scored tokens) of a training example at its longest, over the objectives in the mix (an
+    upper bound: the longest example's length, the most scored tokens). A span becomes a blank in part A
+    and `<|startofpiece|> span` in part B: an example is its window plus one token per span; a document
+    span may take nearly the whole window; token spans are 3 tokens long on average."""
+    length, mix = objective_args.seq_length, objective_args.mixture()
+    shapes = []  # (tokens, scored) per objective
+    if mix["document"] > 0:
+        shapes.append((length + 2, length))
+    if mix["sentence"] > 0:
+        covered = math.ceil(objective_args.gap_sentence_ratio * length)
+        shapes.append((length + 8, covered + 8))  # a handful of sentences
+    if mix["token"] > 0:
+        spans = math.ceil(objective_args.bert_ratio * length / 3)
+        shapes.append((length + spans, math.ceil(objective_args.bert_ratio * length) + spans))
+    return max(tokens for tokens, _ in shapes), max(scored for _, scored in shapes)
+
+
 def open_stream(model_args, corpus_args, objective_args, training_args, prepare=None) -> Stream:
     """Every flag and the corpus checked (nothing is written), corpora made on demand (`prepare(tokenizer)`,
     prepare_on_demand, once the flags are known to be good), and the stream of training windows."""
@@ -186,6 +204,9 @@ class PretrainingTask(Task):
 
     def eval_before_training(self):
         return self.corpus_args.eval_before_training
+
+    def row_tokens(self):
+        return planned_row_tokens(self.objective_args)
 
     def data(self, tokenizer) -> TaskData:
         corpus, stream, held_out = self.opened.corpus, self.opened.stream, self.held_out

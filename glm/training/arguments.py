@@ -44,9 +44,12 @@ class ModelArguments:
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Fused scaled_dot_product_attention (for GPUs)."}
     )
-    # Not in a checkpoint's run record (run_record.py): the same attention computed another way.
+    ignore_memory_check: bool = field(
+        default=False, metadata={"help": "Run even when the memory plan says the run needs more than is available."}
+    )
+    # Not in a checkpoint's run record (run_record.py): the same attention computed another way; a check.
     # model_name_or_path is compared by the model's fingerprint (its path may change).
-    free_flags: ClassVar[Tuple[str, ...]] = ("use_flash_attention",)
+    free_flags: ClassVar[Tuple[str, ...]] = ("use_flash_attention", "ignore_memory_check")
 
 
 @dataclass
@@ -72,14 +75,15 @@ class DatasetArguments:
 class ParsedArguments(tuple):
     """The parsed argument dataclasses, in the order asked for (it unpacks as a tuple); `given_flags`, the
     names of the flags the user typed (an explicit --do_eval evaluates a finished run again); `recipe`, the
-    recipe the run reads (None: the built-in defaults)."""
+    recipe the run reads (None: the built-in defaults); `argv`, the recipe's flags then the command line's."""
 
     given_flags: FrozenSet[str]
     recipe: Optional[str]
+    argv: List[str]
 
-    def __new__(cls, parsed, given_flags, recipe):
+    def __new__(cls, parsed, given_flags, recipe, argv):
         instance = super().__new__(cls, parsed)
-        instance.given_flags, instance.recipe = frozenset(given_flags), recipe
+        instance.given_flags, instance.recipe, instance.argv = frozenset(given_flags), recipe, list(argv)
         return instance
 
     def recipe_to_suggest(self, recipe: str) -> Optional[str]:
@@ -146,7 +150,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
         source = shown(line.recipe) + (" (the embedded default)" if embedded else "")
     if training_args.should_log:
         say(f"recipe   {source}" + (f" + {' '.join(line.user_flags)}" if line.user_flags else ""))
-    return ParsedArguments(parsed, given, line.recipe)
+    return ParsedArguments(parsed, given, line.recipe, line.argv)
 
 
 def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:

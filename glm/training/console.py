@@ -107,14 +107,18 @@ def output_files(output_dir: str) -> List[str]:
     return lines
 
 
-def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metric_labels, seconds: float):
-    """The untrained vs trained table, then where the files are."""
+def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metric_labels, seconds: float,
+                  memory: Optional[str] = None):
+    """The untrained vs trained table, the memory the run used (`memory`: glm.memory.plan.memory_summary),
+    then where the files are."""
     rows = {name: model_metrics(metrics, prefix)
             for name, metrics, prefix in (("untrained", untrained, "untrained"), ("trained", trained, "eval"))
             if metrics}
     say()
     for line in results_table(rows, metric_labels) if rows else []:
         say(line)
+    if memory:
+        say(memory)
     minutes, seconds = divmod(round(seconds), 60)
     say(f"\nDone in {minutes}:{seconds:02d}.")
     for line in output_files(args.output_dir):

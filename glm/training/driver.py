@@ -7,12 +7,13 @@ the finished run already, leave it (or evaluate it again on an explicit --do_eva
 import os
 import shutil
 import time
-from typing import AbstractSet
+from typing import AbstractSet, Optional
 
 from paddlenlp.trainer import TrainerState
 
 from ..errors import UserError
 from ..files import crash_point, write_json_atomic
+from ..memory.plan import Plan, memory_metrics, memory_summary
 from . import console
 from .checkpoints import STAGING, TRAINER_STATE, publish_final_model, staging_dir
 from .curve import CURVE_FILE, plot_training_curve
@@ -23,7 +24,8 @@ __all__ = ["train_and_evaluate"]
 
 
 def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = frozenset(), half_precision=False,
-                       eval_before_training=False, extra_files=None, about=None, metric_labels=None):
+                       eval_before_training=False, extra_files=None, about=None, metric_labels=None,
+                       memory: Optional[Plan] = None):
     """Score the untrained model (if asked), train (from `resume`, decide_resume's answer),
     save the model with `extra_files` ({name: JSON value}) beside it, then evaluate; metrics go to
     *_results.json, and the run is recorded as complete (run_record.json) once all of it is written.
@@ -32,7 +34,8 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
 
     The console shows what runs (the recipe line came from parse_arguments; `about` adds task lines such
     as {"model": ..., "data": ...}), then the untrained vs trained scores (`metric_labels`: {metric:
-    column heading}, by default every metric) and where the files are; training_curve.png is drawn."""
+    column heading}, by default every metric) and where the files are; training_curve.png is drawn.
+    train_results.json and eval_results.json hold the estimated (`memory`'s) and the measured peaks."""
     args = trainer.args
     started = time.time()
     if resume.complete:
@@ -50,6 +53,7 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
         if args.should_save:
             check_free_space(trainer.model, args.output_dir)
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
+        result.metrics.update(memory_metrics(memory))
         crash_point("train:done")
         save_final_model(trainer, extra_files or {})
         crash_point("final:published")
@@ -59,6 +63,7 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
         crash_point("train:results-written")
     if args.do_eval:
         trained = trainer.evaluate()
+        trained.update(memory_metrics(memory))
         trainer.log_metrics("eval", trained)
         trainer.save_metrics("eval", trained)
         crash_point("eval:results-written")
@@ -70,7 +75,8 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
         write_json_atomic(os.path.join(args.output_dir, RECORD_FILE), trainer.run_record())  # last: complete
         crash_point("run:recorded")
     if args.should_log:
-        console.print_summary(args, untrained, trained, metric_labels, time.time() - started)
+        console.print_summary(args, untrained, trained, metric_labels, time.time() - started,
+                              memory_summary(memory) if args.do_train else None)
     return trainer
 
 

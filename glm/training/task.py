@@ -6,6 +6,7 @@ arguments, data, inputs and trainer class; `run_task` owns the rest, in this ord
     run settings         what determines the result (run_record.run_settings), passed to the trainer
     with the output dir's lock:
       resume decision    decide_resume (reads only)
+      memory             the run's memory plan; a run that cannot fit is refused before loading
       seed               before the model exists: a random init depends on it
       loading            the one loader (lengths checked), a new LoRA adapter applied when asked
       data               the task's datasets, collator and trainer arguments, built with the tokenizer
@@ -18,7 +19,7 @@ arguments, data, inputs and trainer class; `run_task` owns the rest, in this ord
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Any, Dict, Optional, Sequence, Tuple
 
 import paddle
@@ -27,10 +28,14 @@ from paddlenlp.trainer import set_seed
 from ..bounds import COUNT, check_flag
 from ..checkpoint import has_weights
 from ..cli.console import shown
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..files import output_dir_lock
 from ..loading import load_model_and_tokenizer
 from ..lora import apply_lora, base_fingerprint
+from ..memory.estimate import DecodingLoad, TrainingLoad
+from ..memory.measure import current_memory_bytes, on_gpu
+from ..memory.plan import Plan, header_line, refuse_if_it_cannot_fit, sharding_stage, training_plan
+from ..memory.shapes import ModelShape, model_shape, uses_dropout
 from ..modeling import GLMForConditionalGeneration
 from . import console
 from .arguments import resolve_amp
@@ -39,7 +44,7 @@ from .resume import decide_resume, prepare_output_dir
 from .run_record import run_settings
 from .trainer import GLMTrainer
 
-__all__ = ["Task", "TaskData", "run_task", "load_for_training", "finish"]
+__all__ = ["Task", "TaskData", "run_task", "memory_plan", "load_for_training", "finish"]
 
 
 @dataclass
@@ -92,6 +97,14 @@ class Task:
     def eval_before_training(self) -> bool:
         return False
 
+    def row_tokens(self) -> Tuple[int, int]:
+        """(tokens, scored tokens) of the longest training row, for the memory plan."""
+        raise NotImplementedError
+
+    def evaluation_decoding(self, shape: ModelShape) -> Optional[DecodingLoad]:
+        """What the evaluation decodes (for the memory plan), or None when it only scores."""
+        return None
+
     def data(self, tokenizer) -> TaskData:
         raise NotImplementedError
 
@@ -104,6 +117,9 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
     settings = run_settings((model_args, *task.recorded_arguments(), args), inputs=task.inputs())
     with output_dir_lock(args.output_dir, hold=args.do_train and args.should_save):
         resume = decide_resume(args, settings)
+        memory = run_memory_plan(task, dtype) if args.do_train and not resume.complete else None
+        if memory is not None and not model_args.ignore_memory_check:
+            refuse_if_it_cannot_fit(memory)  # before any weights are loaded
         set_seed(args.seed)
         model, tokenizer, base = load_for_training(model_args, dtype, task.lengths(), task.model_class,
                                                    task.default_recipe, **task.config_overrides())
@@ -115,12 +131,47 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
             lr_decay_ratio=model_args.lr_decay_ratio, run_settings=settings, base_fingerprint=base,
             **data.trainer_arguments,
         )  # fmt: skip
+        about = {"model": console.describe_model(model_args, model), **data.about}
+        if memory is not None:
+            about["memory"] = header_line(memory)
         train_and_evaluate(
             trainer, resume, task.given_flags, half_precision=dtype is not None,
-            eval_before_training=task.eval_before_training(), extra_files=data.extra_files,
-            about={"model": console.describe_model(model_args, model), **data.about}, metric_labels=task.metric_labels,
+            eval_before_training=task.eval_before_training(), extra_files=data.extra_files, about=about,
+            metric_labels=task.metric_labels, memory=memory,
         )  # fmt: skip
     return trainer
+
+
+def memory_plan(task: Task, half: bool, devices: int, sharding: int = 0, gpu: bool = False,
+                runtime: Optional[int] = None) -> Optional[Plan]:
+    """The memory plan of `task` (training, then the evaluation's decoding) on `devices` devices with
+    sharding stage `sharding` (0: none), in half precision O2 or not; None for a model whose shape is
+    unknown (loading then says what is wrong with it). `runtime`: what the process holds before the model
+    (None: glm.memory.estimate's typical figure)."""
+    args, model_args = task.training_args, task.model_args
+    try:
+        shape = model_shape(model_args.model_name_or_path)
+    except CheckpointError:
+        return None
+    length, scored = task.row_tokens()
+    training = TrainingLoad(
+        shape, args.per_device_train_batch_size, length, scored, recompute=bool(args.recompute), half=half,
+        lora_rank=model_args.lora_rank if model_args.lora else 0, lora_targets=tuple(model_args.lora_target_modules),
+        devices=max(1, devices), sharding_stage=sharding, accumulation=args.gradient_accumulation_steps,
+        dropout=uses_dropout(model_args.model_name_or_path), label_smoothing=model_args.label_smoothing > 0, gpu=gpu,
+    )  # fmt: skip
+    evaluation = task.evaluation_decoding(shape) if args.do_eval or task.eval_before_training() else None
+    if evaluation is not None:
+        evaluation = replace(evaluation, gpu=gpu)
+    return training_plan(training, evaluation, runtime)
+
+
+def run_memory_plan(task: Task, dtype) -> Optional[Plan]:
+    """The plan of the run about to start here, with what this process holds now."""
+    args = task.training_args
+    stage = sharding_stage([getattr(option, "value", str(option)) for option in args.sharding or []])
+    gpu = on_gpu()
+    return memory_plan(task, dtype is not None, args.world_size, stage, gpu, None if gpu else current_memory_bytes())
 
 
 def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GLMForConditionalGeneration,

@@ -24,7 +24,9 @@ from ..training.task import Task, TaskData, run_task
 from ..training.trainer import GLMTrainer
 from .multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 
-__all__ = ["ClozeDataArguments", "ClozeTrainer", "ClozeTask", "finetune_cloze"]
+__all__ = ["ClozeDataArguments", "ClozeTrainer", "ClozeTask", "finetune_cloze", "PLANNED_CHOICE_TOKENS"]
+
+PLANNED_CHOICE_TOKENS = 32  # the memory plan's choice tokens a row (all its choices packed together)
 
 
 @dataclass
@@ -106,6 +108,10 @@ class ClozeTask(Task):
 
     def eval_before_training(self):
         return self.data_args.eval_before_training
+
+    def row_tokens(self):
+        # The choices are packed after the context; before the data is read, THUDM's tasks' at most.
+        return self.data_args.src_length + PLANNED_CHOICE_TOKENS, PLANNED_CHOICE_TOKENS
 
     def data(self, tokenizer) -> TaskData:
         builder = MultipleChoiceBuilder(tokenizer, self.data_args.src_length)
