@@ -8,7 +8,7 @@ and our beam 5.
 
 A PaddleNLP process imports paddle and paddlenlp only, never `glm`, so it runs as a PaddleNLP user's
 does: Paddle's OMP_NUM_THREADS=1 and, on AMD, MKL's default kernels (unless the caller's environment sets
-them; both sides then get them). Ours runs as glm's entry scripts do: every core (glm.cli.process) and, on
+them; both sides then get them). Ours runs as glm's entry scripts do: every core, freed memory returned (glm.cli.process) and, on
 AMD CPUs with AVX2 and FMA, MKL's AVX2 kernels (importing `glm`). Every process loads the same weights (written once by a setup process) and
 builds the same batch, so the first training loss and the greedy tokens are compared across processes.
 Each process times its own work after a warm-up: process start and model building are not counted.
@@ -130,11 +130,12 @@ def run_child(args):
         import glm  # noqa: F401  (MKL's kernels)
 
         try:
-            from glm.cli.process import use_all_cores
+            from glm.cli.process import return_freed_memory, use_all_cores
         except ImportError:  # a --baseline checkout from before glm.cli: its import set the threads
-            use_all_cores = None
+            return_freed_memory = use_all_cores = None
         if use_all_cores:
             use_all_cores()  # as the entry scripts run
+            return_freed_memory()
     from bench import workloads
 
     shape = dict(workloads.DECODE_SHAPES[args.shape])
