@@ -8,12 +8,13 @@ on top. Requests are batched as they arrive (glm/serving/engine.py). SIGTERM or 
 are refused, requests in flight finish within --drain_seconds, exit 0.
 """
 
+import ipaddress
 import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import uvicorn
 
@@ -25,6 +26,7 @@ from glm.errors import UserError
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, load_predictor, resolve_settings
 from glm.serving.app import ServeOptions, create_app
+from glm.serving.middleware import HeaderTimeout
 
 API_KEY_VARIABLE = "GLM_API_KEY"
 PORT = Bound(0, 65535)
@@ -43,7 +45,14 @@ class ServeArguments:
     request_timeout: float = field(default=300.0, metadata={"help": "Seconds a request may take, queued or decoding (then 504)."})
     max_queue: int = field(default=64, metadata={"help": "Requests waiting to join the batch; more are refused with 503 + Retry-After."})
     max_batch_rows: int = field(default=64, metadata={"help": "Rows decoded together (beams or answer copies, summed)."})
+    max_request_rows: Optional[int] = field(
+        default=None, metadata={"help": "Rows one request may take (prompts x beams or answers); a wider one is refused "
+                                        "with 400 (default: --max_batch_rows)."})
+    allowed_hosts: List[str] = field(
+        default_factory=list, metadata={"help": "Host names a request may name besides localhost, 127.0.0.1 and [::1] "
+                                                "while the server listens on a loopback address (DNS rebinding)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (then 413)."})
+    header_timeout: float = field(default=10.0, metadata={"help": "Seconds a connection may take to send a request's head."})
 
 
 def parse_arguments(argv):
@@ -55,9 +64,21 @@ def parse_arguments(argv):
     resolve_settings(argv, model_args, generation_args, DEFAULT_MODEL)
     serve_args.api_key = serve_args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     for name, bound in (("max_queue", COUNT), ("max_batch_rows", COUNT), ("max_body_bytes", COUNT), ("port", PORT),
-                        ("drain_seconds", NON_NEGATIVE), ("request_timeout", POSITIVE)):
+                        ("drain_seconds", NON_NEGATIVE), ("request_timeout", POSITIVE), ("header_timeout", POSITIVE)):
         check_flag(name, getattr(serve_args, name), bound)
+    if serve_args.max_request_rows is None:
+        serve_args.max_request_rows = serve_args.max_batch_rows
+    check_flag("max_request_rows", serve_args.max_request_rows, COUNT, high=serve_args.max_batch_rows,
+               high_is="--max_batch_rows: a request never runs alone past the batch")
     return model_args, generation_args, serve_args, console_args
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (the --host flag) is this machine's loopback address, reachable only from here."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -88,12 +109,15 @@ def main(argv=None):
         options = ServeOptions(
             model_name=serve_args.served_model_name or os.path.basename(os.path.normpath(path)),
             api_key=serve_args.api_key, max_body_bytes=serve_args.max_body_bytes, max_queue=serve_args.max_queue,
-            max_rows=serve_args.max_batch_rows, request_timeout=serve_args.request_timeout,
+            max_rows=serve_args.max_batch_rows, max_request_rows=serve_args.max_request_rows,
+            request_timeout=serve_args.request_timeout,
+            allowed_hosts=serve_args.allowed_hosts if is_loopback(serve_args.host) else None,
         )  # fmt: skip
         sock = listening_socket(serve_args.host, serve_args.port)
     app = create_app(predictor, generation_args, options)
+    HeaderTimeout.seconds = serve_args.header_timeout
     config = uvicorn.Config(app, log_level=console_args.log_level, access_log=console_args.log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=serve_args.drain_seconds)  # fmt: skip
+                            timeout_graceful_shutdown=serve_args.drain_seconds, http=HeaderTimeout)  # fmt: skip
     host, port = sock.getsockname()[:2]
     say(f"serving {options.model_name} on http://{host if ':' not in host else f'[{host}]'}:{port}"
         + (" (API key required)" if options.api_key else ""))

@@ -13,7 +13,7 @@ from .errors import UserError
 
 __all__ = [
     "Bound", "SRC_LENGTH", "TGT_LENGTH", "SEQ_LENGTH", "MIN_TGT_LENGTH", "COUNT", "NON_NEGATIVE", "RATIO",
-    "POSITIVE", "FINITE", "check_flag", "check_lengths", "length_bound",
+    "POSITIVE", "FINITE", "SEED", "check_flag", "check_lengths", "length_bound",
 ]  # fmt: skip
 
 
@@ -56,6 +56,7 @@ NON_NEGATIVE = Bound(0)
 RATIO = Bound(0, 1)
 POSITIVE = Bound(0, low_open=True)
 FINITE = Bound(-math.inf)  # any finite number
+SEED = Bound(0, 2**63 - 1)  # NumPy's generators take non-negative seeds
 
 
 def check_flag(name: str, value, bound: Bound, **limits):

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import paddle
 
-from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, TGT_LENGTH
+from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, SEED, TGT_LENGTH
 from .decoding_cache import DecodingCache, DecodingMask, DecodingMaskGroup
 from .errors import InvalidSettings
 from .packed_gemm import packed_transposed
@@ -59,6 +59,8 @@ class GenerationConfig:
         ranges = [("tgt_length", TGT_LENGTH, {}), ("num_beams", COUNT, {}), ("num_return_sequences", COUNT, {}),
                   ("no_repeat_ngram_size", NON_NEGATIVE, {}), ("top_k", NON_NEGATIVE, {}), ("top_p", RATIO, {}),
                   ("temperature", POSITIVE, {}), ("length_penalty", FINITE, {})]
+        if self.seed is not None:
+            ranges.append(("seed", SEED, {}))
         if TGT_LENGTH.problem(self.tgt_length) is None:
             ranges.append(("min_tgt_length", MIN_TGT_LENGTH, dict(high=self.tgt_length, high_is="tgt_length")))
         for name, bound, limits in ranges:

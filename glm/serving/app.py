@@ -13,7 +13,7 @@ from ..errors import RequestError
 from ..generation_settings import GenerationArguments
 from ..prediction import Predictor
 from . import blanks, completions, status
-from .middleware import BodyLimit, Observed, RequireApiKey
+from .middleware import AllowedHosts, BodyLimit, Observed, RequireApiKey
 from .protocol import error_response
 from .state import Overloaded, ServeOptions, ServingState
 
@@ -37,6 +37,8 @@ def create_app(predictor: Predictor, generation_args: GenerationArguments, optio
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
     if options.api_key:
         app.add_middleware(RequireApiKey, api_key=options.api_key)
+    if options.allowed_hosts is not None:
+        app.add_middleware(AllowedHosts, extra=options.allowed_hosts)
     app.add_middleware(Observed, metrics=state.metrics)
     for handled, handler in ((RequestValidationError, invalid), (StarletteHTTPException, http_error),
                              (RequestError, bad_request), (Overloaded, overloaded)):  # fmt: skip

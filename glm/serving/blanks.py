@@ -12,9 +12,10 @@ from ..errors import RequestError
 from ..inputs import MultipleChoiceBuilder
 from ..prediction import BLANK
 from ..understanding.multiple_choice import score_examples
-from .protocol import FillRequest, ScoreRequest, ended_response, sse
+from .engine import QueueFull
+from .protocol import MAX_CHOICES, FillRequest, ScoreRequest, check_texts, ended_response, sse
 from .runs import Ended, Generation
-from .state import ServingState, serving, watch_disconnect
+from .state import Overloaded, ServingState, serving, watch_disconnect
 
 __all__ = ["router"]
 
@@ -64,14 +65,19 @@ async def fill_events(state: ServingState, generation: Generation, text: str):
 
 
 async def stream_fill(state: ServingState, generation: Generation, text: str, request: Request):
+    ended = False
     try:
         async for kind, payload in fill_events(state, generation, text):
             yield sse(payload if kind == "piece" else dict(payload, done=True))
-    except Ended as ended:
-        request.scope["state"]["outcome"] = "timeout" if ended.reason == "timeout" else "error"
-        yield sse(json.loads(ended_response(ended.reason, state.options.request_timeout, state.options.retry_after).body))
+    except Ended as stopped:
+        request.scope["state"]["outcome"] = "timeout" if stopped.reason == "timeout" else "error"
+        yield sse(json.loads(ended_response(stopped.reason, state.options.request_timeout, state.options.retry_after).body))
+    else:
+        ended = True
     finally:
         generation.cancel("disconnected")
+        if not ended:  # the client left mid-stream: counted as such, not as ok
+            request.scope["state"].setdefault("outcome", "disconnected")
     yield "data: [DONE]\n\n"
 
 
@@ -80,6 +86,10 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
     """The choices' scores (summed log-probabilities at the blank) and the best one, as `evaluate.py --task
     multiple_choice` scores them: GLMForMultipleChoice on the served weights."""
     state.check_accepting()
+    check_texts("context", [body.context])
+    check_texts("choices", body.choices)
+    if len(body.choices) > MAX_CHOICES:
+        raise RequestError("choices", f"at most {MAX_CHOICES}; got {len(body.choices)}")
     max_positions = state.generator.max_positions
     choice_builder = MultipleChoiceBuilder(state.tokenizer, max_positions)
     try:
@@ -98,7 +108,10 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
             done.set_exception(error) if error else done.set_result(result)))
 
     pad = state.builder.ids.pad
-    state.engine.run_exclusive(lambda: score_examples(state.choice_head(), [example], 1, pad)[0], scored)
+    try:  # in the engine's bounded queue, as a completion waits
+        state.engine.run_exclusive(lambda: score_examples(state.choice_head(), [example], 1, pad)[0], scored)
+    except QueueFull as full:
+        raise Overloaded(str(full)) from None
     scores = await done
     best = max(range(len(scores)), key=scores.__getitem__)
     return {"scores": scores, "best": best, "choice": body.choices[best]}

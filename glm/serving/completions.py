@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import RequestError
 from ..prediction import BLANK
-from .protocol import MAX_PROMPTS, CompletionRequest, ended_response, sse
+from .protocol import MAX_PROMPTS, MAX_STOP_CHARACTERS, CompletionRequest, check_texts, ended_response, sse
 from .runs import Ended, Generation
 from .state import ServingState, serving, watch_disconnect
 from .text import ChoiceText
@@ -61,7 +61,7 @@ class Choices:
         return "length" if self.lengths[choice] and not self.texts[choice].stopped else "stop"
 
 
-@router.get("/v1/models")
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def models(state: ServingState = Depends(serving)):
     return {"object": "list", "data": [{"id": state.options.model_name, "object": "model", "created": 0,
                                         "owned_by": "glm-paddle"}]}  # fmt: skip
@@ -78,6 +78,9 @@ async def completions(body: CompletionRequest, request: Request, state: ServingS
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
         raise RequestError("stop", f"at most 4 stop strings; got {len(stops)}")
+    if sum(map(len, stops)) > MAX_STOP_CHARACTERS:
+        raise RequestError("stop", f"at most {MAX_STOP_CHARACTERS} characters in all; got {sum(map(len, stops))}")
+    check_texts("stop", stops)
     generation = await state.start_generation(prompts, "prompt", body)
     choices = Choices(prompts, generation, stops)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -108,6 +111,7 @@ async def stream_completion(state: ServingState, generation: Generation, choices
     """One chunk per token for greedy and sampling; beam search's answers in one chunk each, once decided."""
     beams = generation.config.decode_strategy == "beam_search"
     held = [""] * len(choices.texts)
+    ended = False
     try:
         async for event in generation.events():
             for choice, piece, finished in choices.pieces(event):
@@ -118,10 +122,14 @@ async def stream_completion(state: ServingState, generation: Generation, choices
                 reason = choices.finish_reason(choice) if finished else None
                 yield sse(dict(head, choices=[{"index": choice, "text": text, "logprobs": None, "finish_reason": reason}]))
         state.record_generation(generation, choices.tokens)
-    except Ended as ended:
-        request.scope["state"]["outcome"] = "timeout" if ended.reason == "timeout" else "error"
+    except Ended as stopped:
+        request.scope["state"]["outcome"] = "timeout" if stopped.reason == "timeout" else "error"
         options = state.options
-        yield sse(json.loads(ended_response(ended.reason, options.request_timeout, options.retry_after).body))
+        yield sse(json.loads(ended_response(stopped.reason, options.request_timeout, options.retry_after).body))
+    else:
+        ended = True
     finally:
         generation.cancel("disconnected")  # a no-op once done; a client gone mid-stream frees its rows
+        if not ended:
+            request.scope["state"].setdefault("outcome", "disconnected")
     yield "data: [DONE]\n\n"

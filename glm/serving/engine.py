@@ -155,20 +155,25 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting (the queue's maximum)")
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"{self.queue_depth} requests are waiting (the queue's maximum)")
             self._queue.append(list(sources))
             self._lock.notify_all()
 
     def run_exclusive(self, function: Callable[[], object], callback: Callable[[object, Optional[BaseException]], None]):
-        """Runs `function()` on the model thread between two steps; `callback(result, error)` there after."""
+        """Runs `function()` on the model thread between two steps; `callback(result, error)` there after.
+        It waits in the same bounded queue as the requests (QueueFull when full)."""
         with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self.queue_depth >= self.max_queue:
+                raise QueueFull(f"{self.queue_depth} requests are waiting (the queue's maximum)")
             self._exclusive.append((function, callback))
             self._lock.notify_all()
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._exclusive)
 
     @property
     def live_rows(self) -> int:
@@ -205,7 +210,8 @@ class Engine:
         with self._lock:
             if not self._live and not self._queue and not self._exclusive and not self._stopping:
                 self._lock.wait(wait)
-            exclusive, self._exclusive = list(self._exclusive), collections.deque()
+            # One other use of the model between two steps: a queue of them never holds the batch up for long.
+            exclusive = [self._exclusive.popleft()] if self._exclusive else []
             if self._stopping:
                 for request in self._queue:
                     for source in request:

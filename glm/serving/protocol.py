@@ -16,17 +16,21 @@ from typing import List, Optional, Union
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..bounds import TGT_LENGTH
+from ..bounds import TGT_LENGTH, Bound
+
+TOP_K = Bound(0)  # up to the vocabulary
 from ..errors import InvalidSettings, RequestError
 from ..generation import GenerationConfig
 from ..generation_settings import GenerationArguments
 
 __all__ = [
     "RequestError", "CompletionRequest", "FillRequest", "ScoreRequest", "decoding_config", "MAX_PROMPTS",
-    "error_body", "error_response", "ended_response", "sse",
+    "MAX_STOP_CHARACTERS", "MAX_CHOICES", "check_texts", "error_body", "error_response", "ended_response", "sse",
 ]  # fmt: skip
 
 MAX_PROMPTS = 32  # prompts in one completion request
+MAX_STOP_CHARACTERS = 512  # all stop strings together: matching them costs a pass over the text per piece
+MAX_CHOICES = 64  # choices of one /score request (their tokens are bounded by the model's positions)
 
 _STRICT = ConfigDict(extra="forbid", strict=True)  # "5" is not 5: a wrong type is a 400, not a guess
 
@@ -61,9 +65,19 @@ class ScoreRequest(BaseModel):
     choices: List[str] = Field(min_length=2)
 
 
+def check_texts(field: str, texts: List[str]):
+    """Every text of `field` is text: JSON can carry a lone surrogate (\\ud800), which no tokenizer encodes."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise RequestError(field, f"holds a lone surrogate (\\u{ord(text[error.start]):04x}), which is not text") from None
+
+
 def decoding_config(request: BaseModel, defaults: GenerationArguments, default_tgt_length: int,
-                    max_positions: int) -> GenerationConfig:
-    """The request's GenerationConfig over the server's `defaults`; RequestError names a bad field."""
+                    max_positions: int, vocab_size: Optional[int] = None) -> GenerationConfig:
+    """The request's GenerationConfig over the server's `defaults`; RequestError names a bad field (top_k
+    above `vocab_size`, the model's vocabulary, too)."""
     given = {name: value for name, value in request.model_dump(exclude_unset=True).items() if value is not None}
     for openai_name, glm_name in (("max_tokens", "tgt_length"), ("n", "num_return_sequences")):
         if openai_name in given and glm_name in given:
@@ -75,12 +89,14 @@ def decoding_config(request: BaseModel, defaults: GenerationArguments, default_t
     problem = TGT_LENGTH.problem(tgt_length, model_max=max_positions)
     if problem:
         raise RequestError(length_name, problem)
-    if "decode_strategy" not in given:
-        if given.get("temperature") == 0:
-            given.update(decode_strategy="greedy_search")
-            del given["temperature"]
-        elif {"temperature", "top_p", "top_k"} & set(given):
-            given["decode_strategy"] = "sampling"
+    if given.get("temperature") == 0 and given.get("decode_strategy", "greedy_search") == "greedy_search":
+        given.update(decode_strategy="greedy_search")  # OpenAI's greedy, also with GLM's name for it
+        del given["temperature"]
+    elif "decode_strategy" not in given and {"temperature", "top_p", "top_k"} & set(given):
+        given["decode_strategy"] = "sampling"
+    problem = TOP_K.problem(given.get("top_k", 0), high=vocab_size, high_is="the vocabulary")
+    if problem:
+        raise RequestError("top_k", problem)
     fields = {f.name for f in dataclasses.fields(GenerationArguments)}
     arguments = dataclasses.replace(defaults, **{name: value for name, value in given.items() if name in fields})
     if "min_tgt_length" not in given:  # the server's minimum never makes a short max_tokens an error

@@ -17,7 +17,8 @@ from ..modeling import GLMForMultipleChoice
 from ..prediction import Predictor
 from .engine import Engine, QueueFull
 from .metrics import ServerMetrics
-from .protocol import decoding_config
+from ..generation import rows_per_source
+from .protocol import check_texts, decoding_config
 from .runs import Generation
 
 __all__ = ["ServeOptions", "ServingState", "Overloaded", "serving", "cancel_on_disconnect"]
@@ -30,8 +31,10 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     max_queue: int = 64  # requests waiting to join the batch; one more gets 503
     max_rows: int = 64  # rows decoding together (beams or answer copies summed over prompts)
+    max_request_rows: int = 64  # rows of one request (prompts x beams or answers): more is refused, never run alone
     request_timeout: float = 300.0  # seconds from arrival to the last token
     retry_after: int = 1  # the Retry-After of a 503
+    allowed_hosts: Optional[List[str]] = None  # Host names accepted (None: any; see middleware.AllowedHosts)
 
 
 class Overloaded(Exception):
@@ -82,7 +85,10 @@ class ServingState:
         """The request's sources submitted to the engine, decoded with the request's settings over the
         server's."""
         self.check_accepting()
-        config = decoding_config(body, self.generation_args, self.predictor.config.tgt_length, self.generator.max_positions)
+        check_texts(field, texts)
+        config = decoding_config(body, self.generation_args, self.predictor.config.tgt_length, self.generator.max_positions,
+                                 self.generator.model.config.vocab_size)
+        self.check_rows(len(texts), config, body)
         sources = await run_in_threadpool(self.built_sources, texts, field)
         generation = Generation(self.engine, sources, config, lambda tokens: self.tokenizer.decode(tokens),
                                 self.builder.ids.pad, self.options.request_timeout)  # fmt: skip
@@ -91,6 +97,19 @@ class ServingState:
         except QueueFull as full:
             raise Overloaded(str(full)) from None
         return generation
+
+    def check_rows(self, prompts: int, config, body):
+        """A request decodes prompts x rows_per_source rows at once: beyond --max_request_rows it is refused,
+        naming what made it wide (a request wider than the batch used to run alone, taking any memory)."""
+        rows = prompts * rows_per_source(config)
+        limit = self.options.max_request_rows
+        if rows <= limit:
+            return
+        wide = [name for name in ("num_beams", "n", "num_return_sequences") if name in body.model_fields_set]
+        field = wide[0] if wide else ("prompt" if prompts > 1 else "num_beams")
+        raise RequestError(field, f"{prompts} prompt{'s' if prompts > 1 else ''} x {rows // prompts} rows each "
+                                  f"({'beams' if config.decode_strategy == 'beam_search' else 'answers'}) is {rows} "
+                                  f"rows, over the server's {limit} per request (--max_request_rows)")
 
     def record_generation(self, generation: Generation, tokens: int):
         self.metrics.tokens.inc(tokens)

@@ -15,12 +15,12 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health():
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(state: ServingState = Depends(serving)):
     engine, options = state.engine, state.options
     if not state.accepting:
@@ -31,11 +31,11 @@ async def ready(state: ServingState = Depends(serving)):
     return {"ready": True, "queue_depth": engine.queue_depth, "live_rows": engine.live_rows}
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def prometheus(state: ServingState = Depends(serving)):
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
 async def page():
     return importlib.resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
