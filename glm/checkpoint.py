@@ -34,6 +34,18 @@ def weights_sha256(path: str) -> str:
     return files_sha256(path, names)
 
 
+def check_model_path(path: str):
+    """CheckpointError unless `path` is one of PaddleNLP's names or a directory with a config.json."""
+    if path in BUILTIN_CHECKPOINTS:
+        return
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path}: no such model directory (or give one of PaddleNLP's names: {', '.join(BUILTIN_CHECKPOINTS)})"
+        )
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
+
+
 def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, **config_overrides):
     """A local checkpoint directory, or one of PaddleNLP's GLM names (downloaded by PaddleNLP), as
     `model_class` (any GLM head: the parameter names are shared). `config_overrides` replace config.json
@@ -43,12 +55,7 @@ def load_model(path: str, dtype=None, model_class=GLMForConditionalGeneration, *
             return model_class.from_pretrained(path, dtype=dtype, **config_overrides)
         except Exception as error:  # noqa: BLE001  (a failed download surfaces as many exception types)
             raise CheckpointError(f"{path}: cannot download it ({str(error).splitlines()[0]})") from None
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"{path}: no such model directory (or give one of PaddleNLP's names: {', '.join(BUILTIN_CHECKPOINTS)})"
-        )
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
+    check_model_path(path)
     if has_weights(path):
         return from_pretrained_strictly(model_class, path, dtype=dtype, **config_overrides)
     config = GLMConfig.from_pretrained(path, **config_overrides)

@@ -5,11 +5,11 @@ Training writes it and reads it (a named model's defaults); prediction reads it.
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Sequence
 
 from .generation import GenerationConfig
 
-__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "describe_decoding"]
+__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "fit_to_model", "describe_decoding"]
 
 
 @dataclass
@@ -67,6 +67,32 @@ def apply_checkpoint_settings(model_dir: str, given: Iterable[str], *targets) ->
             if hasattr(target, name) and name not in given:
                 setattr(target, name, value)
     return settings_file
+
+
+def fit_to_model(model_dir: str, given: Iterable[str], lengths: Sequence[str], *targets) -> List[str]:
+    """Values of `targets` the user did not give (`given`) brought down to what `model_dir` can take: each
+    `lengths` field above the model's max_sequence_length (from its config.json, when it has one) to it, then a
+    min_tgt_length above tgt_length to it. Returns what changed, as "name old → new (why)", for one note."""
+    given, changed = set(given), []
+    limit = None
+    config_file = os.path.join(model_dir, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            limit = json.load(f).get("max_sequence_length")
+
+    def lower(target, name, high, high_is):
+        value = getattr(target, name, None)
+        if name not in given and isinstance(value, int) and isinstance(high, int) and value > high:
+            setattr(target, name, high)
+            changed.append(f"{name} {value} → {high} ({high_is})")
+
+    for target in targets:
+        for name in lengths:
+            lower(target, name, limit, "the model's max_sequence_length")
+    tgt_length = next((t.tgt_length for t in targets if hasattr(t, "tgt_length")), None)
+    for target in targets:
+        lower(target, "min_tgt_length", tgt_length, "tgt_length")
+    return changed
 
 
 def describe_decoding(generation_args: GenerationArguments) -> str:

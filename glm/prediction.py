@@ -11,10 +11,11 @@ from typing import List, Optional, Sequence
 import paddle
 
 from .cli.arguments import flag_names
+from .checkpoint import check_model_path
 from .cli.console import say, shown
 from .errors import CheckpointError, UserError
 from .generation import GLMGenerator, default_banned_ids, generate_answers, rows_per_source
-from .generation_settings import GenerationArguments, apply_checkpoint_settings, describe_decoding
+from .generation_settings import GenerationArguments, apply_checkpoint_settings, describe_decoding, fit_to_model
 from .inputs import MASK_TOKENS, GLMInputBuilder
 from .loading import load_model_and_tokenizer
 from .memory.estimate import DecodingLoad
@@ -97,10 +98,27 @@ class CheckpointArguments:
         return self.model_name_or_path or default_model
 
 
+def checked_model_path(args: CheckpointArguments, default_model: str) -> str:
+    """The model to load, known to exist before anything is said of its settings; the embedded default
+    `default_model` must have been trained."""
+    path = args.model_path(default_model)
+    if args.model_name_or_path is None and not os.path.isdir(path):
+        raise UserError(
+            f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
+            "run `python finetune_generation.py` first"
+        )
+    check_model_path(path)
+    return path
+
+
 def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args: GenerationArguments, default_model: str):
     """Flags not in `argv` from the checkpoint's generation_settings.json; one line says what applies."""
-    settings_file = apply_checkpoint_settings(args.model_path(default_model), flag_names(argv), args, generation_args)
+    model, given = checked_model_path(args, default_model), flag_names(argv)
+    settings_file = apply_checkpoint_settings(model, given, args, generation_args)
     source = shown(settings_file) if settings_file else "built-in defaults"
+    lowered = fit_to_model(model, given, ("src_length", "tgt_length"), args, generation_args)
+    if lowered:
+        source += f", with {', '.join(lowered)}"
     say(f"settings src_length {args.src_length}, tgt_length {args.tgt_length}, {describe_decoding(generation_args)} "
         f"(flags given, then {source})")
 
@@ -124,13 +142,7 @@ def decoding_memory_plan(args: CheckpointArguments, generation_args: GenerationA
 def load_predictor(args: CheckpointArguments, generation_args: GenerationArguments, default_model: str,
                    seed: Optional[int] = None, batch_size: int = 8) -> Predictor:
     """The Predictor of `args`' checkpoint; the embedded default `default_model` must have been trained."""
-    path = args.model_path(default_model)
-    if args.model_name_or_path is None and not os.path.isdir(path):
-        raise UserError(
-            f"no --model_name_or_path, and the embedded default {os.path.relpath(path)} is not trained yet: "
-            "run `python finetune_generation.py` first"
-        )
     return Predictor(
-        path, generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
+        checked_model_path(args, default_model), generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
         lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
     )

@@ -132,6 +132,10 @@ def test_a_named_model_without_a_recipe_takes_its_settings_or_fits_the_lengths(t
     parsed = parse(["--model_name_or_path", TINY_DEFAULT_MODEL, "--output_dir", "x"])
     assert (parsed[1].src_length, parsed[1].tgt_length) == (256, 160)
     assert "with src_length 608 → 256 (the model's max_sequence_length)" in capsys.readouterr().err
+    # The built-in min_tgt_length 55 comes down to a shorter --tgt_length given.
+    parsed = parse(["--model_name_or_path", TINY_DEFAULT_MODEL, "--tgt_length", "32", "--output_dir", "x"])
+    assert (parsed[1].tgt_length, parsed[2].min_tgt_length) == (32, 32)
+    assert "min_tgt_length 55 → 32 (tgt_length)" in capsys.readouterr().err
     result = script("finetune_generation.py", "--model_name_or_path", TINY_DEFAULT_MODEL, "--src_length", "300",
                     "--output_dir", str(tmp_path / "out"))  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import sys
 import paddle
 import pytest
 from conftest import ROOT
-from test_finetune import cli, micro_data, micro_model, run  # noqa: F401  (fixtures)
+from test_finetune import cli, micro_data, micro_model, micro_weights_model, run  # noqa: F401  (fixtures)
 
 import glm.files
 import predict_generation
@@ -119,6 +119,32 @@ def test_stdin_prompts_one_per_line(trained):
     outputs = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["source"] for o in outputs] == ["类型#裙*颜色#红色", "类型#裤"]
     assert all(o["prediction"] for o in outputs)
+
+
+def test_built_in_defaults_that_do_not_fit_the_model_come_down_to_it_with_one_note(micro_weights_model):  # noqa: F811
+    """A model without generation_settings.json (max_sequence_length 128): the built-in 608/160 come down to
+    128 and the built-in min_tgt_length 55 to a given --tgt_length; a value the user gave is never changed."""
+    result = cli("predict_generation.py", "--model_name_or_path", micro_weights_model, "--num_beams", "1",
+                 "--decode_strategy", "greedy_search", input="类型#裙\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = next(line for line in result.stderr.splitlines() if line.startswith("settings"))
+    assert "src_length 128, tgt_length 128," in settings
+    assert "src_length 608 → 128 (the model's max_sequence_length), tgt_length 160 → 128" in settings, settings
+    result = cli("predict_generation.py", "--model_name_or_path", micro_weights_model, "--tgt_length", "8",
+                 "--num_beams", "2", input="类型#裙\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = next(line for line in result.stderr.splitlines() if line.startswith("settings"))
+    assert "min_tgt_length 8," in settings and "min_tgt_length 55 → 8 (tgt_length)" in settings, settings
+    result = cli("predict_generation.py", "--model_name_or_path", micro_weights_model, "--tgt_length", "8",
+                 "--min_tgt_length", "55", input="类型#裙\n")  # fmt: skip
+    assert result.returncode == 2 and "min_tgt_length" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_model_is_said_before_any_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        predict_generation.main(["--model_name_or_path", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert "no such model directory" in err and "settings" not in err
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,17 @@ def test_evaluate_takes_the_checkpoint_as_it_is(trained, tmp_path, task, data):
     assert ("perplexity" in results) if task == "lm" else (0 <= results["accuracy"] <= 100)
 
 
+def test_predict_takes_the_checkpoint_as_it_is(trained):
+    """The checkpoint carries decoding settings that fit it: sources of a window, no minimum answer length."""
+    _, output = trained
+    settings = json.loads((output / "generation_settings.json").read_text())
+    assert (settings["src_length"], settings["tgt_length"], settings["min_tgt_length"]) == (64, 64, 0)
+    result = cli("predict_generation.py", "--model_name_or_path", str(output), "--num_beams", "2",
+                 input="这款[MASK]的裙子很有看点。\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert isinstance(json.loads(result.stdout)["prediction"], str)
+
+
 def test_dump_examples_are_the_batches_training_draws(trained, micro_model, corpora, tmp_path):  # noqa: F811
     trainer, _ = trained
     dump = tmp_path / "examples.jsonl"
@@ -170,12 +181,13 @@ def test_a_refused_run_prepares_no_default_corpus(tmp_path, monkeypatch, capsys)
         assert sorted(os.listdir(tmp_path)) == [], flags
 
 
-def cli(*args, crash_at=None):
+def cli(*args, crash_at=None, input=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop(CRASH_AT_VARIABLE, None)
     if crash_at:
         env[CRASH_AT_VARIABLE] = crash_at
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          input=input)
 
 
 def pretrain_cli(model, corpora, output, crash_at=None):

@@ -22,6 +22,7 @@ from ..cli import console
 from ..configuration import GLMConfig
 from ..errors import DataError, UserError
 from ..files import write_jsonl_atomic
+from ..generation_settings import GENERATION_SETTINGS, GenerationArguments
 from ..tokenization import GLMSpecialIds, special_token_ids
 from ..training.run_record import directory_fingerprint, model_fingerprint
 from ..training.task import Task, TaskData, run_task
@@ -161,6 +162,18 @@ def open_stream(model_args, corpus_args, objective_args, training_args, prepare=
     return Stream(corpus, PretrainingDataset(windows, 0), collator, builder, tokenizer, ids, sentence_end)
 
 
+def decoding_settings(objective_args) -> dict:
+    """What predict_generation.py and server.py take by default from a pretrained checkpoint, so that it
+    decodes as it is: sources as long as the windows it learned from, answers of at most a window (and
+    at most predict's default of 160), no minimum length (a blank's answer ends when the model ends it,
+    as pretraining taught), and the document objective's [gMASK] appended to a source without a blank
+    when that objective was trained ([MASK] otherwise)."""
+    generation = dict(asdict(GenerationArguments()), min_tgt_length=0)
+    seq_length = objective_args.seq_length
+    mask_token = "[gMASK]" if objective_args.mixture()["document"] > 0 else "[MASK]"
+    return dict(generation, src_length=seq_length, tgt_length=min(seq_length, 160), mask_token=mask_token)
+
+
 class PretrainingTask(Task):
     """Blank-infilling pretraining on the task skeleton: the stream in order, the held-out loss per objective."""
 
@@ -226,7 +239,8 @@ class PretrainingTask(Task):
             self.opened.collator,
             trainer_arguments=dict(held_out=held_out, mixture=self.objective_args.mixture(), pad_id=self.opened.ids.pad),
             about=about,
-            extra_files={PRETRAINING_SETTINGS: {"objective": asdict(self.objective_args), "corpus": corpus.metadata}},
+            extra_files={PRETRAINING_SETTINGS: {"objective": asdict(self.objective_args), "corpus": corpus.metadata},
+                         GENERATION_SETTINGS: decoding_settings(self.objective_args)},
         )
 
 

@@ -2,7 +2,6 @@
 overriding flags, or flags on top of the task's embedded default recipe (glm.cli.arguments), with the
 training-specific rules on top (do_train/do_eval, evaluation at the end, a named model's defaults)."""
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
@@ -15,7 +14,7 @@ from ..bounds import COUNT, check_flag
 from ..cli.arguments import command_line, parser_for
 from ..cli.console import DropLogMessage, configure_logging, say, shown
 from ..errors import UserError
-from ..generation_settings import apply_checkpoint_settings
+from ..generation_settings import apply_checkpoint_settings, fit_to_model
 from ..lora import DEFAULT_LORA_TARGETS
 
 __all__ = ["ModelArguments", "DatasetArguments", "ParsedArguments", "parse_arguments", "resolve_amp"]
@@ -160,19 +159,9 @@ def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: b
     settings_file = apply_checkpoint_settings(model, given, *parsed) if checkpoint_settings else None
     if settings_file:
         source = f"{shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
-    config_file = os.path.join(model, "config.json")
-    if not os.path.isfile(config_file):
-        return source  # a PaddleNLP name (the defaults are its recipe's) or a path that loading will refuse
-    with open(config_file, encoding="utf-8") as f:
-        limit = json.load(f).get("max_sequence_length")
-    lowered = []
-    for arguments in parsed:
-        for name in lengths:
-            if name not in given and isinstance(limit, int) and getattr(arguments, name, 0) > limit:
-                lowered.append(f"{name} {getattr(arguments, name)} → {limit}")
-                setattr(arguments, name, limit)
+    lowered = fit_to_model(model, given, lengths, *parsed)
     if lowered:
-        source += f", with {', '.join(lowered)} (the model's max_sequence_length)"
+        source += f", with {', '.join(lowered)}"
     return source
 
 
