@@ -19,7 +19,7 @@ from data import build_examples, read_rows
 from glm.cli.console import shown
 from glm.cli.process import command
 from glm.generation import rows_per_source
-from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
+from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments, strategy_in_brief
 from glm.inputs import MASK_TOKENS, GLMInputBuilder, collate_examples
 from glm.jsonl import find_split_file
 from glm.memory.estimate import DecodingLoad
@@ -116,7 +116,7 @@ class GenerationTask(Task):
                 dev.rows = dev.rows[: data_args.max_eval_samples]
             eval_dataset = MapDataset([e.features() for e in build_examples(dev, builder)])
             eval_rows = ([r[dev.source_key] for r in dev.rows], [r[dev.target_key] for r in dev.rows], dev.rows)
-            splits.append(f"{len(dev.rows)} dev rows decoded with {self.generation_config.num_beams} beams")
+            splits.append(f"{len(dev.rows)} dev rows decoded by {strategy_in_brief(self.generation_config)}")
         settings = dict(asdict(self.generation_args), src_length=data_args.src_length, tgt_length=data_args.tgt_length,
                         mask_token=data_args.mask_token)
         return TaskData(

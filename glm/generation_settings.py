@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from .generation import GenerationConfig
 
-__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "fit_to_model", "describe_decoding"]
+__all__ = ["GenerationArguments", "GENERATION_SETTINGS", "apply_checkpoint_settings", "fit_to_model", "strategy_in_brief", "describe_decoding"]
 
 
 @dataclass
@@ -95,10 +95,17 @@ def fit_to_model(model_dir: str, given: Iterable[str], lengths: Sequence[str], *
     return changed
 
 
+def strategy_in_brief(settings) -> str:
+    """"beam search, 5 beams", "greedy search" or "sampling" (`settings`: GenerationArguments or GenerationConfig)."""
+    if settings.decode_strategy == "beam_search":
+        return f"beam search, {settings.num_beams} beam{'s' if settings.num_beams != 1 else ''}"
+    return settings.decode_strategy.replace("_", " ")
+
+
 def describe_decoding(generation_args: GenerationArguments) -> str:
     g = generation_args
     if g.decode_strategy == "beam_search":
-        text = f"beam search {g.num_beams} beams, length_penalty {g.length_penalty} ({g.length_penalty_form})"
+        text = f"{strategy_in_brief(g)}, length_penalty {g.length_penalty} ({g.length_penalty_form})"
     elif g.decode_strategy == "sampling":
         text = f"sampling top_k {g.top_k} top_p {g.top_p} temperature {g.temperature}"
     else:

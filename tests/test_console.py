@@ -14,7 +14,7 @@ from conftest import ROOT, run_outside_checkout
 import finetune_generation
 import predict_generation
 from glm.training import console
-from glm.training.curve import CURVE_FILE, plot_training_curve
+from glm.training.curve import CURVE_FILE, evaluation_axis_label, plot_training_curve
 
 TINY_DEFAULT_MODEL = os.path.join(ROOT, "configs", "glm-tiny-chinese")
 QUICK = ["--max_eval_samples", "4", "--report_to", "none"]  # step caps come with each command
@@ -66,13 +66,16 @@ def test_default_job_console(default_job):
     eval_results = json.loads((output / "eval_results.json").read_text())
     assert float(trained[5]) == pytest.approx(eval_results["eval_loss"], abs=0.006)  # the table shows the files' numbers
     assert float(trained[3]) == pytest.approx(eval_results["eval_rougeL"], abs=0.006)
-    assert re.fullmatch(r"Done in \d+:\d\d\.", lines[-6])
-    assert lines[-5:] == [
+    assert re.fullmatch(r"Done in \d+:\d\d\.", lines[-9])
+    assert lines[-8:] == [
         f"Files in out{os.sep}",  # relative to where it ran
-        "  model       model_state.pdparams",
+        "  model       config.json, model_state.pdparams",
+        "  tokenizer   added_tokens.json, cog-pretrain.model, special_tokens_map.json, tokenizer_config.json",
+        "  settings    generation_settings.json",
         "  predictions eval_predictions.jsonl, untrained_predictions.jsonl",
         "  scores      eval_results.json, train_results.json, untrained_results.json",
         f"  loss curve  {CURVE_FILE}",
+        "  run record  run_record.json, trainer_state.json",
     ]
 
 
@@ -82,6 +85,19 @@ def test_default_job_draws_the_loss_curve(default_job):
     assert (width, height) == (1200, 450)  # two panels: loss + learning rate, and untrained -> trained scores
     assert os.path.getsize(output / CURVE_FILE) > 20_000
     assert not [name for name in os.listdir(output) if name.startswith(".tmp-")]
+
+
+def test_decoding_is_said_in_words():
+    from glm.generation_settings import GenerationArguments, strategy_in_brief
+
+    assert strategy_in_brief(GenerationArguments(num_beams=1)) == "beam search, 1 beam"
+    assert strategy_in_brief(GenerationArguments(num_beams=5)) == "beam search, 5 beams"
+    assert strategy_in_brief(GenerationArguments(decode_strategy="greedy_search")) == "greedy search"
+
+
+def test_the_evaluation_panel_says_loss_over_losses():
+    assert evaluation_axis_label(["loss_token", "loss_sentence", "loss_document"]) == "loss"  # pretraining
+    assert evaluation_axis_label(["accuracy"]) == evaluation_axis_label(["rougeL", "bleu4"]) == "score"
 
 
 def test_curve_without_evaluations_has_one_panel_and_needs_training(tmp_path):
@@ -117,6 +133,24 @@ def test_one_coherent_default(flags, expected):
     model_args, data_args, generation_args, training_args = finetune_generation.parse_generation_arguments(flags)
     got = (data_args.src_length, data_args.tgt_length, generation_args.num_beams, model_args.model_name_or_path)
     assert got[:3] == expected[:3] and got[3].endswith(expected[3])
+
+
+def test_a_resumed_training_bar_counts_only_the_steps_this_process_trains(capsys):
+    """It starts at the checkpoint's step (PaddleNLP's jumped there at the first step, so its rate and time
+    left counted the resumed steps as just done) and shows its rate in s/step throughout."""
+    from paddlenlp.trainer import TrainerControl, TrainerState
+
+    progress = console.ConsoleProgress()
+    state = TrainerState(global_step=40, max_steps=50)
+    progress.on_train_begin(None, state, TrainerControl())
+    assert (progress.training_bar.n, progress.training_bar.initial) == (40, 40)
+    state.global_step = 41
+    progress.on_step_end(None, state, TrainerControl())
+    assert progress.training_bar.n == 41
+    progress.training_bar.refresh()
+    progress.training_bar.close()
+    assert "41/50" in capsys.readouterr().err
+    assert "s/step" in str(progress.training_bar) and "step/s" not in str(progress.training_bar)
 
 
 def test_a_named_model_without_a_recipe_takes_its_settings_or_fits_the_lengths(tmp_path, capsys):
@@ -198,7 +232,7 @@ def test_predict_logs_its_settings_in_one_line(default_job):
     assert result.returncode == 0, result.stderr[-3000:]
     settings = [line for line in result.stderr.splitlines() if line.startswith("settings ")]
     assert settings == [
-        "settings src_length 40, tgt_length 48, beam search 2 beams, length_penalty 0.7 (thudm), min_tgt_length 10, "
+        "settings src_length 40, tgt_length 48, beam search, 2 beams, length_penalty 0.7 (thudm), min_tgt_length 10, "
         f"no_repeat_ngram_size 3 (flags given, then {output / 'generation_settings.json'})"
     ]
     assert "OMP_NUM_THREADS" not in result.stderr and "to the vocabulary" not in result.stderr

@@ -90,6 +90,19 @@ def test_a_resumed_run_ends_as_the_whole_run_with_the_whole_runs_loss(micro_mode
     assert results(tmp_path)["train_loss"] == pytest.approx(results(whole)["train_loss"], rel=1e-5)
 
 
+def test_a_resumed_run_takes_the_untrained_scores_its_first_start_wrote(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    """Scoring the untrained model again would decode the whole dev set again for the same figures."""
+    flags = (*FLAGS, "--eval_before_training", "true")
+    stopped(capsys, micro_model, micro_data, tmp_path, *flags, callbacks=[StopAtSave(5)])
+    untrained = json.loads((tmp_path / "untrained_results.json").read_text())
+    marked = dict(untrained, untrained_rougeL=12.34)  # a figure only the file holds
+    (tmp_path / "untrained_results.json").write_text(json.dumps(marked))
+    run(micro_model, micro_data, tmp_path, *flags, "--do_eval")
+    err = capsys.readouterr().err
+    assert "untrained scores from" in err and "12.34" in err, err[-3000:]
+    assert json.loads((tmp_path / "untrained_results.json").read_text()) == marked
+
+
 def test_a_finished_run_is_left_as_it_is_or_only_evaluated_on_an_explicit_do_eval(
     micro_model, micro_data, tmp_path, capsys  # noqa: F811
 ):

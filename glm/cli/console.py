@@ -74,12 +74,16 @@ def say(text: str = ""):
     print(text, file=sys.stderr, flush=True)
 
 
-def progress_bar(total: int, desc: str, unit: str, disable: bool = False, initial: int = 0) -> tqdm:
+def progress_bar(total: int, desc: str, unit: str, disable: bool = False, initial: int = 0,
+                 seconds_per_unit: bool = False) -> tqdm:
     """tqdm on stderr (`initial`: units done before, by a run this one resumes). On a file instead of a
     terminal every bar stays on its line (no cursor-up escapes from nested bars) and is redrawn at most
-    every 30 s, so a log file holds a few lines per bar."""
+    every 30 s, so a log file holds a few lines per bar. `seconds_per_unit` always shows the rate as
+    s/unit (tqdm switches between unit/s and s/unit as the rate crosses 1, which reads as a jump)."""
     terminal = sys.stderr.isatty()
+    rate = "{rate_inv_fmt}" if seconds_per_unit else "{rate_fmt}"
     return tqdm(
         total=total, desc=desc, unit=unit, disable=disable, initial=initial, file=sys.stderr, dynamic_ncols=terminal,
         mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 60, position=None if terminal else 0,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, " + rate + "{postfix}]",
     )

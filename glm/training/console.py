@@ -20,9 +20,12 @@ class ConsoleProgress(ProgressCallback):
     one-step 'PredictProcess' bar of the loss pass (the task's evaluation shows its own, by rows)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's bar starts at the checkpoint's step, so its rate and time left count only the
+        # steps this process trains (PaddleNLP's bar counted the steps resumed over as just done).
         if state.is_local_process_zero:
-            self.training_bar = progress_bar(state.max_steps, "training", "step")
-        self.current_step = 0
+            self.training_bar = progress_bar(state.max_steps, "training", "step", initial=state.global_step,
+                                            seconds_per_unit=True)
+        self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         pass
@@ -90,17 +93,22 @@ def results_table(rows: Dict[str, Dict[str, float]], labels: Optional[Dict[str, 
 
 
 def output_files(output_dir: str) -> List[str]:
-    """Where the run's results are: the model, predictions, scores and the loss curve in `output_dir`."""
+    """Where the run's results are in `output_dir`: the model (with its config and, for LoRA, lora_config.json),
+    its tokenizer, the settings predict takes from it, predictions, scores, the loss curve and the record of
+    the run (what a rerun compares against)."""
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
 
     def matching(suffixes: Iterable[str], exclude=()):
         return ", ".join(n for n in names if n.endswith(tuple(suffixes)) and n not in exclude)
 
     groups = [
-        ("model", matching((".pdparams", ".safetensors", ".index.json"))),
+        ("model", matching((".pdparams", ".safetensors", ".index.json", "config.json"), exclude=("tokenizer_config.json",))),
+        ("tokenizer", matching((".model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"))),
+        ("settings", matching(("generation_settings.json", "pretraining_settings.json"))),
         ("predictions", matching(("_predictions.jsonl",))),
         ("scores", matching(("_results.json",), exclude=("all_results.json",))),
         ("loss curve", matching(("training_curve.png",))),
+        ("run record", matching(("run_record.json", "trainer_state.json"))),
     ]
     lines = [f"Files in {shown(output_dir)}{os.sep}"]
     lines += [f"  {label:<12}{files}" for label, files in groups if files]

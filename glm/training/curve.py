@@ -24,6 +24,11 @@ def evaluation_points(log_history: List[dict], untrained: Optional[Dict[str, flo
     return points
 
 
+def evaluation_axis_label(metrics: List[str]) -> str:
+    """The right panel's axis: "loss" when every metric drawn is a loss (pretraining's, per objective)."""
+    return "loss" if all(name.startswith("loss") for name in metrics) else "score"
+
+
 def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[Dict[str, float]] = None,
                         labels: Optional[Dict[str, str]] = None) -> bool:
     """Writes the picture to `path` (atomically); False when the run logged no training loss. `labels`
@@ -65,7 +70,7 @@ def plot_training_curve(log_history: List[dict], path: str, untrained: Optional[
             points = [(step, metrics[name]) for step, metrics in evaluations if name in metrics]
             score_axis.plot(*zip(*points), "o:", label=(labels or {}).get(name, name))
         score_axis.set_xlabel("step")
-        score_axis.set_ylabel("score")
+        score_axis.set_ylabel(evaluation_axis_label(scores))
         score_axis.grid(alpha=0.3)
         score_axis.legend(loc="best")
         score_axis.set_title("evaluation" + (" (step 0: untrained)" if untrained else ""))

@@ -4,6 +4,7 @@ training_curve.png, print the console summary and record the run as complete; or
 the finished run already, leave it (or evaluate it again on an explicit --do_eval).
 """
 
+import json
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ from .resume import Resume
 from .run_record import RECORD_FILE
 
 __all__ = ["train_and_evaluate"]
+
+UNTRAINED_RESULTS = "untrained_results.json"  # the Trainer's save_metrics("untrained", ...)
 
 
 def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = frozenset(), half_precision=False,
@@ -47,8 +50,7 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
         trainer.disable_autocast_context_manager()
     untrained = trained = None
     if eval_before_training:
-        untrained = trainer.evaluate(metric_key_prefix="untrained")
-        trainer.save_metrics("untrained", untrained)
+        untrained = untrained_scores(trainer, resume)
     if args.do_train:
         if args.should_save:
             check_free_space(trainer.model, args.output_dir)
@@ -78,6 +80,25 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
         console.print_summary(args, untrained, trained, metric_labels, time.time() - started,
                               memory_summary(memory) if args.do_train else None)
     return trainer
+
+
+def untrained_scores(trainer, resume: Resume) -> dict:
+    """The untrained model's scores: a resumed run takes those its first start wrote (the same model and
+    settings, as decide_resume checked: scoring it again would decode the dev set again for the same
+    figures); a file a kill tore is scored again."""
+    path = os.path.join(trainer.args.output_dir, UNTRAINED_RESULTS)
+    if resume.checkpoint and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                untrained = json.load(f)
+            if trainer.args.should_log:
+                console.say(f"untrained scores from {console.shown(path)}, as the run's first start measured them")
+            return untrained
+        except ValueError:
+            pass
+    untrained = trainer.evaluate(metric_key_prefix="untrained")
+    trainer.save_metrics("untrained", untrained)
+    return untrained
 
 
 def evaluate_complete_run(trainer, do_eval_given: bool, metric_labels, started):
