@@ -5,6 +5,7 @@ Every server here listens on 127.0.0.1 only, on a port the OS picks, and is stop
 
 import concurrent.futures
 import json
+import re
 import subprocess
 import threading
 import time
@@ -324,6 +325,15 @@ def test_metrics_health_and_the_page(served):
     assert httpx.get(served.url + "/health", timeout=10).json() == {"status": "ok"}
     page = httpx.get(served.url + "/", timeout=10)
     assert page.status_code == 200 and "/fill" in page.text and "http" not in page.text.replace(served.url, "")
+    # The form starts from what the server serves: beam search, 2 beams, 12 tokens, min 2 (DEFAULTS).
+    shown = json.loads(re.search(r"const SERVER_DEFAULTS = (\{.*?\});", page.text).group(1))
+    assert shown == {"strategy": "beam_search", "max_tokens": 12, "min_tgt_length": 2, "num_beams": 2,
+                     "length_penalty": 0.7, "no_repeat_ngram_size": 3, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    # A browser's unprompted /favicon.ico is no client error.
+    before = served.metric('glm_requests_total{endpoint="other",outcome="bad_request"}')
+    assert httpx.get(served.url + "/favicon.ico", timeout=10).status_code == 204
+    assert served.metric('glm_requests_total{endpoint="/favicon.ico",outcome="ok"}') == 1
+    assert served.metric('glm_requests_total{endpoint="other",outcome="bad_request"}') == before
 
 
 @pytest.fixture(scope="module")

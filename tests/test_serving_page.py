@@ -1,5 +1,7 @@
-"""The page at / in a real browser (Debian's chromium and chromium-driver, driven by selenium): type a
-sentence with [MASK], submit, and the streamed answer appears highlighted in the text."""
+"""The page at / in a real browser (Debian's chromium and chromium-driver, driven by selenium): the form
+starts from the server's settings, Chinese text is drawn with real glyphs (a CJK font such as Debian's
+fonts-wqy-microhei installed), type a sentence with [MASK], submit, and the streamed answer appears
+highlighted in the text."""
 
 import os
 import shutil
@@ -14,12 +16,34 @@ CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium")
 
 
+# True when `text` drawn in element `id`'s font gives each character its own glyph: a character the font
+# lacks is drawn as the same box as a private-use character (U+E000) that no font has.
+SHOWS_GLYPHS = """
+const font = getComputedStyle(document.getElementById(arguments[0])).fontFamily;
+const drawn = (character) => {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 48;
+  const context = canvas.getContext("2d");
+  context.font = "40px " + font;
+  context.fillText(character, 2, 40);
+  return context.getImageData(0, 0, 48, 48).data.join(",");
+};
+const box = drawn("\\uE000"), seen = new Set();
+for (const character of arguments[1]) {
+  const pixels = drawn(character);
+  if (pixels === box || seen.has(pixels)) return false;
+  seen.add(pixels);
+}
+return true;
+"""
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMEDRIVER and CHROMIUM):
         if os.environ.get("CI", "").lower() == "true":
             raise FileNotFoundError("chromium and chromedriver are required when CI=true (.ci/run installs them with apt)")
-        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver fonts-wqy-microhei)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -43,6 +67,10 @@ def test_the_page_streams_the_answer_into_the_blank(browser, micro_weights_model
     served = Served(micro_weights_model)
     try:
         browser.get(served.url + "/")
+        # The form starts from what the server serves (test_serving.DEFAULTS: beam search, 2 beams, 12 tokens).
+        assert Select(browser.find_element(By.ID, "strategy")).first_selected_option.get_attribute("value") == "beam_search"
+        assert [browser.find_element(By.ID, field).get_attribute("value") for field in ("num_beams", "max_tokens")] == ["2", "12"]
+        assert browser.execute_script(SHOWS_GLYPHS, "answer", "裙子很好看")  # not the boxes of a missing font
         text = browser.find_element(By.ID, "text")
         text.clear()
         text.send_keys("这款[MASK]的裙子很好看。")

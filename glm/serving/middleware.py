@@ -17,10 +17,10 @@ __all__ = ["Observed", "AllowedHosts", "RequireApiKey", "BodyLimit", "HeaderTime
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
-ENDPOINTS = ("/", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/fill", "/score")
+ENDPOINTS = ("/", "/favicon.ico", "/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/fill", "/score")
 # Paths that need no key: liveness (a balancer's probe), and the page, a static file a browser loads
 # without headers (every call it makes sends the key typed into it).
-OPEN_PATHS = ("/health", "/")
+OPEN_PATHS = ("/health", "/", "/favicon.ico")
 
 
 async def _respond(send, status: int, body: bytes, headers=()):

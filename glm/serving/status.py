@@ -2,6 +2,7 @@
 the page at /."""
 
 import importlib.resources
+import json
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, Response
@@ -37,5 +38,23 @@ async def prometheus(state: ServingState = Depends(serving)):
 
 
 @router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
-async def page():
-    return importlib.resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+async def page(state: ServingState = Depends(serving)):
+    """The page, its form starting from the server's own decoding defaults."""
+    html = importlib.resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    defaults = json.dumps(page_defaults(state)).replace("<", "\\u003c")  # never ends the <script>
+    return html.replace("/*SERVER_DEFAULTS*/{}", defaults)
+
+
+def page_defaults(state: ServingState) -> dict:
+    """{form field id: value}: what a request that sets nothing is decoded with."""
+    g = state.generation_args
+    return {"strategy": g.decode_strategy, "max_tokens": state.predictor.config.tgt_length,
+            "min_tgt_length": min(g.min_tgt_length, state.predictor.config.tgt_length), "num_beams": g.num_beams,
+            "length_penalty": g.length_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
+            "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
+
+
+@router.api_route("/favicon.ico", methods=["GET", "HEAD"])
+async def favicon():
+    """No icon, and not an error: browsers ask for it unprompted (the page itself names none)."""
+    return Response(status_code=204)
