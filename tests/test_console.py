@@ -226,6 +226,28 @@ def test_predict_help_says_where_defaults_come_from(capsys):
     assert "(default: None)" not in help_text and "(default: checkpoints/glm-tiny-chinese, the embedded default" in help_text
 
 
+def test_training_help_shows_the_values_that_apply_and_this_toolkits_flags_first(capsys):
+    with pytest.raises(SystemExit) as exit:
+        finetune_generation.parse_generation_arguments(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    help_text = " ".join(out.split())
+    assert len(out.splitlines()) < 300  # PaddleNLP's whole TrainingArguments made it 594 lines
+    assert out.startswith("usage: ") and "[RECIPE.json] [--flag value ...]" in out.splitlines()[0]
+    headings = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["options:", "ModelArguments:", "DataArguments:", "GenerationArguments:",
+                        "TrainingArguments (PaddleNLP's):", "ConsoleArguments:"]
+    # The embedded default's value beside the built-in one, where they differ.
+    assert "(tiny-default.json: 0.003; built-in: 5e-05)" in help_text  # --learning_rate
+    assert "(tiny-default.json: 40; built-in: 608)" in help_text  # --src_length
+    # PaddleNLP's flags no run here sets are named, still accepted, and described by --help_all.
+    assert "--help_all describes each" in help_text and "--pipeline_parallel_degree" in help_text
+    assert "--pipeline_parallel_degree PIPELINE_PARALLEL_DEGREE" not in out
+    with pytest.raises(SystemExit):
+        finetune_generation.parse_generation_arguments(["--help_all"])
+    assert "--pipeline_parallel_degree PIPELINE_PARALLEL_DEGREE" in capsys.readouterr().out
+
+
 def test_predict_logs_its_settings_in_one_line(default_job):
     output, _ = default_job
     result = script("predict_generation.py", "--model_name_or_path", str(output), "--num_beams", "2", input="类型#裙*颜色#红色\n")

@@ -9,8 +9,11 @@ overriding it; or flags alone on top of the task's embedded default recipe.
 """
 
 import argparse
+import dataclasses
 import difflib
+import json
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Sequence
 
@@ -27,9 +30,18 @@ __all__ = [
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """PdArgumentParser's help with '(default: X)' only where X says something: not after a None, whose
-    meaning the help text itself gives (it would read '(default: ...). (default: None)')."""
+    meaning the help text itself gives (it would read '(default: ...). (default: None)'); a flag a recipe
+    sets shows the recipe's value first (FlagParser.show_recipe)."""
+
+    def _split_lines(self, text, width):  # never inside a name such as tiny-default.json or glm-large-chinese
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
     def _get_help_string(self, action):
+        recipe = getattr(action, "recipe_value", None)
+        if recipe is not None:
+            name, value = recipe
+            built_in = "" if action.default in (None, value) else f"; built-in: {action.default}"
+            return f"{action.help or ''} ({name}: {value}{built_in})".replace("%", "%%")
         return action.help if action.default is None else super()._get_help_string(action)
 
 
@@ -72,11 +84,70 @@ class ArgumentParser(_OneLine, argparse.ArgumentParser):
         return argparse.ArgumentParser.parse_known_args(self, args)
 
 
+# PaddleNLP's TrainingArguments (about 190 flags) that runs of this toolkit set: --help describes these
+# and those a recipe sets, and names the others in one paragraph (--help_all describes every one).
+TRAINING_FLAGS_SHOWN = frozenset({
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps", "lr_scheduler_type",
+    "warmup_ratio", "warmup_steps", "logging_steps", "save_steps", "save_total_limit", "evaluation_strategy",
+    "eval_steps", "seed", "fp16", "bf16", "fp16_opt_level", "recompute", "sharding", "sharding_parallel_degree",
+    "tensor_parallel_degree", "device", "disable_tqdm", "report_to", "dataloader_num_workers",
+})  # fmt: skip
+
+
 class FlagParser(_OneLine, PdArgumentParser):
-    """PdArgumentParser (flags from dataclasses) with one-line errors and no abbreviations."""
+    """PdArgumentParser (flags from dataclasses) with one-line errors and no abbreviations, and a help that
+    a reader can take in: a short usage line, the flags grouped by dataclass (this toolkit's first, as
+    given), and of PaddleNLP's TrainingArguments only those its runs set (TRAINING_FLAGS_SHOWN) described."""
 
     def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [--flag value ...]")
         super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+        self._group_by_dataclass(dataclass_types)
+
+    def _group_by_dataclass(self, dataclass_types):
+        owner = {f.name: dtype for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+        groups, self._named_only = {}, []
+        for action in list(self._optionals._group_actions):
+            dtype = owner.get(action.dest)
+            if dtype is None:
+                continue  # -h
+            if dtype not in groups:
+                paddlenlp = dtype.__module__.startswith("paddlenlp")
+                groups[dtype] = self.add_argument_group(f"{dtype.__name__}" + (" (PaddleNLP's)" if paddlenlp else ""))
+            self._optionals._group_actions.remove(action)
+            groups[dtype]._group_actions.append(action)
+            if dtype.__name__ == "TrainingArguments" and action.dest not in TRAINING_FLAGS_SHOWN:
+                self._named_only.append(action)
+        self._name_the_rest()
+
+    def show_recipe(self, recipe: str):
+        """Flags `recipe` (a JSON file) sets show its value beside the built-in one, and are described."""
+        with open(recipe, encoding="utf-8") as f:
+            values = json.load(f)
+        for action in self._actions:
+            if action.dest in values:
+                action.recipe_value = (os.path.basename(recipe), values[action.dest])
+        self._named_only = [action for action in self._named_only if action.dest not in values]
+        self._name_the_rest()
+
+    def _name_the_rest(self):
+        for action in self._actions:
+            action.full_help = getattr(action, "full_help", action.help)
+            action.help = argparse.SUPPRESS if action in self._named_only else action.full_help  # accepted all the same
+        if self._named_only:
+            flags = ", ".join(action.option_strings[0] for action in self._named_only)
+            self.epilog = (f"Also accepted, as PaddleNLP's TrainingArguments documents them (--help_all describes each): "
+                           f"{flags}.")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and "--help_all" in args:
+            for action in self._named_only:
+                action.help = action.full_help
+            self.epilog = None
+            args = ["--help" if arg == "--help_all" else arg for arg in args]
+        return super().parse_known_args(args, namespace)
 
 
 def switch(value: str) -> bool:

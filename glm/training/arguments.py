@@ -112,6 +112,9 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
         f"below (THUDM's glm-large-chinese recipe) apply.",
     )
     parser.set_defaults(**(defaults or {}))
+    parser.usage = "%(prog)s [RECIPE.json] [--flag value ...]"
+    shown_recipe = argv[0] if argv and argv[0].endswith(".json") and os.path.isfile(argv[0]) else default_recipe
+    parser.show_recipe(shown_recipe)
     line = command_line(argv, default_argv, parser)
     configure_logging(line.argv)
     evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in line.argv)
