@@ -62,7 +62,7 @@ class EvaluateArguments:
     force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the results here as JSON."})
     predictions_file: Optional[str] = field(
-        default=None, metadata={"help": "Per-row predictions, JSON Lines (default: OUTPUT.predictions.jsonl)."}
+        default=None, metadata={"help": "Per-row predictions of multiple_choice and lambada, JSON Lines (default: the --output_file's name with .predictions.jsonl for its extension: results.json -> results.predictions.jsonl)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Rows (or windows) per forward pass."})
     src_length: Optional[int] = field(

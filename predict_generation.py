@@ -82,6 +82,19 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
     return json.loads(json.dumps(fingerprint))  # as read back from the sidecar (tuples become lists)
 
 
+def is_empty(fields: dict) -> bool:
+    """Whether an answer (any blank's, when a source holds several) is empty."""
+    answers = fields["prediction"] if isinstance(fields["prediction"], list) else [fields["prediction"]]
+    return any(not answer for answer in answers)
+
+
+def say_empty_answers(empty: int, rows: int, min_tgt_length: int):
+    """An empty answer is the model ending the blank at once, not a failure; say so once, with the way out."""
+    if empty:
+        say(f"note     {empty} of {rows} answers are empty: the model ended the blank at once (min_tgt_length "
+            f"{min_tgt_length}; --min_tgt_length N makes every answer at least N tokens)")
+
+
 def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict):
     dataset = read_rows(args.data_file, args.src_key, need_target=False, skip_bad_rows=args.skip_bad_rows)
     rows = dataset.rows
@@ -96,6 +109,7 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
 
     # Chunks of several batches: each chunk is decoded length-sorted, then written in input order.
     chunk = predictor.batch_size * 8
+    empty = 0
     with progress_bar(len(rows), "predicting", "row", initial=done) as bar:
         for start in range(done, len(rows), chunk):
             part = rows[start : start + chunk]
@@ -103,6 +117,7 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
                                         sources=sources[start : start + chunk])
             for row, fields in zip(part, results):
                 output.write(json.dumps(dict(row, **fields), ensure_ascii=False) + "\n")
+                empty += is_empty(fields)
             output.flush()
             if partial:
                 fsync_file(output)
@@ -111,6 +126,7 @@ def predict_file(predictor: Predictor, args: PredictArguments, fingerprint: dict
         output.close()
         publish_rows(partial, args.output_file)
         say(f"Wrote {len(rows)} predictions to {args.output_file}")
+    say_empty_answers(empty, len(rows) - done, predictor.config.min_tgt_length)
 
 
 def predict_stdin(predictor: Predictor, args: PredictArguments):
@@ -125,7 +141,7 @@ def predict_stdin(predictor: Predictor, args: PredictArguments):
 def _predict_lines(predictor: Predictor, output, interactive: bool):
     if interactive:
         print("Type a prompt (a blank is [MASK], [sMASK] or [gMASK]; none means generate after it). Ctrl-D ends.")
-    number = 0
+    number = empty = answered = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
@@ -143,11 +159,14 @@ def _predict_lines(predictor: Predictor, output, interactive: bool):
         if cut:
             logger.warning(f"stdin:{number}: source cut to src_length={predictor.builder.src_length} tokens")
         fields = predictor.predict([text], sources=[source])[0]
+        empty, answered = empty + is_empty(fields), answered + 1
         if interactive:
             print(fields.get("filled") or fields["prediction"])
         else:
             output.write(json.dumps(dict(source=text, **fields), ensure_ascii=False) + "\n")
             output.flush()
+    if not interactive:
+        say_empty_answers(empty, answered, predictor.config.min_tgt_length)
 
 
 def parse_arguments(argv):

@@ -294,9 +294,7 @@ def _take_lock(target: str, path: str, flag: str, busy: str):
                 raise UserError(
                     f"{flag} {target} {busy} (pid {pid} on {host}; lock {path}): wait for it, or use another {flag}"
                 ) from None
-            from paddlenlp.utils.log import logger  # here: the module is imported by light tools too
-
-            logger.warning(f"Taking over the lock {path} of a run that is gone (pid {pid})")
+            print(f"note     taking over the lock {path} of a run that is gone (pid {pid})", file=sys.stderr, flush=True)
             os.unlink(path)
             continue
         except OSError as error:

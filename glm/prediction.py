@@ -3,6 +3,7 @@ predict_generation.py and the server share, so both answer a text exactly as fin
 decodes it, and the flags that choose the checkpoint (their defaults from its generation_settings.json).
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -112,10 +113,17 @@ def checked_model_path(args: CheckpointArguments, default_model: str) -> str:
 
 
 def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args: GenerationArguments, default_model: str):
-    """Flags not in `argv` from the checkpoint's generation_settings.json; one line says what applies."""
+    """Flags not in `argv` from the generation_settings.json of the LoRA adapter (--lora_path: what it was
+    trained and evaluated with), then of the checkpoint; one line says what applies."""
     model, given = checked_model_path(args, default_model), flag_names(argv)
-    settings_file = apply_checkpoint_settings(model, given, args, generation_args)
-    source = shown(settings_file) if settings_file else "built-in defaults"
+    sources = []
+    for directory in ([args.lora_path] if args.lora_path else []) + [model]:
+        settings_file = apply_checkpoint_settings(directory, given, args, generation_args)
+        if settings_file:
+            sources.append(shown(settings_file))
+            with open(settings_file, encoding="utf-8") as f:
+                given = given | set(json.load(f))  # the adapter's settings win over the base's
+    source = ", then ".join(sources) if sources else "built-in defaults"
     lowered = fit_to_model(model, given, ("src_length", "tgt_length"), args, generation_args)
     if lowered:
         source += f", with {', '.join(lowered)}"

@@ -140,6 +140,30 @@ def test_built_in_defaults_that_do_not_fit_the_model_come_down_to_it_with_one_no
     assert result.returncode == 2 and "min_tgt_length" in result.stderr.strip().splitlines()[-1]
 
 
+def test_an_adapter_brings_its_own_settings_before_the_bases(trained, tmp_path):
+    """An adapter trained with other lengths or decoding is predicted with them (its generation_settings.json)."""
+    base, adapter = trained
+    mine = tmp_path / "adapter"
+    shutil.copytree(adapter, mine)
+    settings = json.loads((mine / "generation_settings.json").read_text())
+    (mine / "generation_settings.json").write_text(json.dumps(dict(settings, tgt_length=9, num_beams=3)))
+    result = cli("predict_generation.py", "--model_name_or_path", base, "--lora_path", str(mine), "--min_tgt_length", "0",
+                 input="类型#裙\n")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stderr.splitlines() if line.startswith("settings"))
+    assert "tgt_length 9," in line and "3 beams" in line, line
+    assert f"then {mine / 'generation_settings.json'}, then " in line, line
+
+
+def test_empty_answers_are_said_once_with_the_way_out(capsys):
+    assert predict_generation.is_empty({"prediction": ""}) and predict_generation.is_empty({"prediction": ["a", ""]})
+    assert not predict_generation.is_empty({"prediction": "a"})
+    predict_generation.say_empty_answers(0, 5, 0)
+    assert capsys.readouterr().err == ""
+    predict_generation.say_empty_answers(2, 5, 0)
+    assert "2 of 5 answers are empty" in capsys.readouterr().err
+
+
 def test_a_missing_model_is_said_before_any_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_generation.main(["--model_name_or_path", str(tmp_path / "none")])

@@ -103,6 +103,17 @@ def test_a_resumed_run_takes_the_untrained_scores_its_first_start_wrote(micro_mo
     assert json.loads((tmp_path / "untrained_results.json").read_text()) == marked
 
 
+def test_refusals_name_the_real_reason_over_a_finished_run(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "3")  # --save_steps 1000: no checkpoint
+    capsys.readouterr()
+    # --lora on a weightless base is refused for that, not for differing from the finished run.
+    line = stopped(capsys, micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "3", "--lora", "true", code=2)
+    assert "holds no weights" in line, line
+    # More steps, with no checkpoint to continue from: said as such (it is not "no checkpoint and not empty").
+    line = stopped(capsys, micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "5", code=2)
+    assert "holds a finished run of 3 steps and no checkpoint to continue it from" in line, line
+
+
 def test_a_finished_run_is_left_as_it_is_or_only_evaluated_on_an_explicit_do_eval(
     micro_model, micro_data, tmp_path, capsys  # noqa: F811
 ):

@@ -96,6 +96,15 @@ TRAINING_FLAGS_SHOWN = frozenset({
 })  # fmt: skip
 
 
+# Where this toolkit gives a flag another meaning than the help PdArgumentParser writes for it.
+HELP_TEXTS = {
+    "--overwrite_output_dir": "Start afresh: the earlier run in --output_dir (its checkpoints and record) is removed "
+                              "once this run is known to start. Without it a rerun continues the run there, from its "
+                              "last checkpoint.",
+    "--no_select_topk": "Beam candidates sampled in proportion to their probabilities (--select_topk false).",
+}
+
+
 class FlagParser(_OneLine, PdArgumentParser):
     """PdArgumentParser (flags from dataclasses) with one-line errors and no abbreviations, and a help that
     a reader can take in: a short usage line, the flags grouped by dataclass (this toolkit's first, as
@@ -104,6 +113,9 @@ class FlagParser(_OneLine, PdArgumentParser):
     def __init__(self, dataclass_types, **kwargs):
         kwargs.setdefault("usage", "%(prog)s [--flag value ...]")
         super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+        for action in self._actions:
+            for option in action.option_strings:
+                action.help = HELP_TEXTS.get(option, action.help)
         self._group_by_dataclass(dataclass_types)
 
     def _group_by_dataclass(self, dataclass_types):

@@ -105,7 +105,7 @@ def _decoding_changes(plan: Plan) -> List[Tuple[str, Callable[[DecodingLoad], De
     if load.rows_per_source > 1:
         changes.append(("--num_beams 1 (or fewer answers)", lambda l: replace(l, rows_per_source=1), False))
     if load.gpu and not load.half:
-        changes.append(("--dtype float16", lambda l: replace(l, half=True), True))
+        changes.append(("--dtype float16", lambda l: replace(l, half=True), False))  # half precision moves answers
     return changes
 
 

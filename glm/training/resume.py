@@ -69,6 +69,12 @@ def decide_resume(training_args, settings: RunSettings) -> Resume:
     if checkpoint is not None:
         refuse_other_settings(settings, checkpoint, f"--output_dir {output_dir} holds {os.path.basename(checkpoint)} "
                               "of a run with other settings", ways_on)
+    elif finished is not None:
+        raise UserError(
+            f"--output_dir {output_dir} holds a finished run of {finished.get('total_steps')} steps and no checkpoint "
+            "to continue it from (it saved none: its --save_steps exceed its steps); rerun with its settings to "
+            "leave it as it is, or start afresh with --overwrite_output_dir or another --output_dir"
+        )
     elif _other_files(output_dir, incomplete):
         raise UserError(f"{output_dir} is not empty and holds no checkpoint: use --overwrite_output_dir or another --output_dir")
     return Resume(checkpoint, settings, incomplete=incomplete)

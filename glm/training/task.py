@@ -113,6 +113,7 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
     """Train and evaluate `task` (see the module's docstring); returns its trainer."""
     args, model_args = task.training_args, task.model_args
     task.prepare()
+    check_lora_base(model_args)
     dtype = resolve_amp(args)
     settings = run_settings((model_args, *task.recorded_arguments(), args), inputs=task.inputs())
     with output_dir_lock(args.output_dir, hold=args.do_train and args.should_save):
@@ -174,15 +175,24 @@ def run_memory_plan(task: Task, dtype) -> Optional[Plan]:
     return memory_plan(task, dtype is not None, args.world_size, stage, gpu, None if gpu else current_memory_bytes())
 
 
+def check_lora_base(model_args):
+    """--lora's own refusals, before anything else is said of the run (a rerun's differences included)."""
+    if not model_args.lora:
+        return
+    check_flag("lora_rank", model_args.lora_rank, COUNT)
+    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+        raise UserError(
+            f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
+            "reproduced to apply the adapter later; finetune it first (without --lora) and adapt that"
+        )
+
+
 def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GLMForConditionalGeneration,
                       task_recipe: Optional[str] = None, **config_overrides) -> Tuple[Any, Any, Optional[dict]]:
     """The model (a `model_class`), its tokenizer, and the base's fingerprint when a LoRA adapter is to be
     trained (None otherwise). Every `lengths` entry ({flag: value}) must fit the model (a length that does
     not names `task_recipe`, the task's embedded default recipe, when that fits); with --lora the adapter
     is applied and only it trains."""
-
-    if model_args.lora:
-        check_flag("lora_rank", model_args.lora_rank, COUNT)
 
     def suggest(limit: int) -> str:
         return f", or the recipe {shown(task_recipe)}" if recipe_fits(task_recipe, lengths, limit) else ""
@@ -193,11 +203,6 @@ def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GL
     )  # fmt: skip
     if not model_args.lora:
         return model, tokenizer, None
-    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
-        raise UserError(
-            f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
-            "reproduced to apply the adapter later; finetune it first (without --lora) and adapt that"
-        )
     fingerprint = base_fingerprint(model_args.model_name_or_path, model.config)
     model = apply_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout,
                        model_args.lora_target_modules, base_model_name_or_path=model_args.model_name_or_path)
