@@ -103,6 +103,14 @@ def test_a_resumed_run_takes_the_untrained_scores_its_first_start_wrote(micro_mo
     assert json.loads((tmp_path / "untrained_results.json").read_text()) == marked
 
 
+def test_a_resumed_run_shows_its_own_bar_only(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    stopped(capsys, micro_model, micro_data, tmp_path, *FLAGS, callbacks=[StopAtSave(5)])
+    run(micro_model, micro_data, tmp_path, *FLAGS, "--disable_tqdm", "false")
+    err = capsys.readouterr().err
+    assert "training:  50%" in err and "5/10" in err, err[-2000:]  # from the resumed step
+    assert "Skipping the first batches" not in err and "it/s]" not in err  # PaddleNLP's bar, unlabelled first
+
+
 def test_refusals_name_the_real_reason_over_a_finished_run(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
     run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "3")  # --save_steps 1000: no checkpoint
     capsys.readouterr()

@@ -14,6 +14,7 @@ import paddle
 from paddle.distributed.parallel import sync_params_buffers
 from paddle.io import DistributedBatchSampler
 from paddlenlp.trainer import ProgressCallback, Trainer, TrainerState
+from paddlenlp.trainer import trainer as paddlenlp_trainer
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from paddlenlp.utils.log import logger
 
@@ -110,7 +111,14 @@ class GLMTrainer(Trainer):
         self.earlier_loss_sum = record.get("train_loss_sum", 0.0) if record else 0.0
         if resume_from_checkpoint and checkpoint_step(resume_from_checkpoint) >= self.total_steps():
             return self._trained_until(resume_from_checkpoint)
-        output = super().train(resume_from_checkpoint, ignore_keys_for_eval)
+        # PaddleNLP's 'Skipping the first batches' bar (drawn unlabelled first) would stand beside the run's
+        # own, which starts at the resumed step (console.ConsoleProgress): it is drawn disabled.
+        original_tqdm = paddlenlp_trainer.tqdm
+        paddlenlp_trainer.tqdm = partial(original_tqdm, disable=True)
+        try:
+            output = super().train(resume_from_checkpoint, ignore_keys_for_eval)
+        finally:
+            paddlenlp_trainer.tqdm = original_tqdm
         self._unlogged_loss = None  # now in _total_loss_scalar
         self.train_loss_sum = self.earlier_loss_sum + self._total_loss_scalar
         loss = self.train_loss_sum / max(output.global_step, 1)
