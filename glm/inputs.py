@@ -18,7 +18,7 @@ import numpy as np
 
 from .bounds import SRC_LENGTH, TGT_LENGTH
 from .errors import InvalidSettings
-from .tokenization import GLMSpecialIds, special_token_ids
+from .tokenization import GLMSpecialIds, encode_text, special_token_ids
 
 __all__ = [
     "MASK_TOKENS", "GLMInputBuilder", "GLMExample", "collate_examples", "IGNORE_INDEX",
@@ -70,8 +70,10 @@ class GLMInputBuilder:
         self.tgt_length = tgt_length
         self.mask_token_id = tokenizer.convert_tokens_to_ids(mask_token)
 
-    def tokenize(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def tokenize(self, text: str, continuation: bool = False) -> List[int]:
+        """As pretraining tokenizes it (glm.tokenization.encode_text): no "▁" after a blank, nor at the
+        start of a `continuation` (a choice filling a blank)."""
+        return encode_text(self.tokenizer, text, continuation)
 
     def source_ids(self, source: str):
         """`[CLS] source [mask] <|endoftext|>` cut to src_length, and whether the text was cut."""
@@ -197,7 +199,7 @@ class MultipleChoiceBuilder:
         positions, blocks = list(range(context_length)), [0] * context_length
         choice_ids, choice_indices = [], []
         for number, choice in enumerate(choices):
-            tokens = self.glm.tokenize(choice)
+            tokens = self.glm.tokenize(choice, continuation=True)  # it continues the text at the blank
             if not tokens:
                 raise ValueError(f"choice {number} ({choice!r}) has no tokens")
             choice_indices.append(list(range(len(input_ids), len(input_ids) + len(tokens))))

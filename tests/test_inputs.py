@@ -178,3 +178,56 @@ def test_load_tokenizer_bad_path(tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(TokenizerError, match="no tokenizer_config.json"):
         load_tokenizer(str(tmp_path))
+
+
+def pretraining_blank(tokenizer, before: str, answer: str, after: str):
+    """The text tokenized whole, as tools/prepare_pretraining_data.py does (sentencepiece, one document),
+    and the token span [start, end) of `answer` in it, as the token objective would blank it."""
+    tokens = tokenizer.sp_model.encode(before + answer + after)
+    ends, length = [], 0
+    for piece in tokenizer.sp_model.id_to_piece(tokens):
+        length += len(piece.replace("\u2581", ""))
+        ends.append(length)
+    normalized = [len(unicodedata.normalize("NFKC", text).replace(" ", "")) for text in (before, before + answer)]
+    start, end = ends.index(normalized[0]) + 1, ends.index(normalized[1]) + 1
+    return tokens, start, end
+
+
+def test_a_cloze_row_is_the_pretraining_example_of_the_same_blank(real_tokenizer):
+    """Issue 29: the sentiment cloze row, packed for finetune_cloze.py, must be the example pretraining builds
+    when the token objective blanks the right choice in the same text: the same ids (no sentencepiece "▁"
+    after the [MASK], none before the choice), positions and sep. The tokenizer encodes each piece between
+    special tokens on its own: `[MASK] ▁评价` and the choices `▁正 面` / `▁ 负面`, never seen in pretraining."""
+    from glm.inputs import MultipleChoiceBuilder
+    from glm.pretraining.objective import BlankInfillingBuilder, PretrainingArguments, sentence_end_table
+
+    ids = special_token_ids(real_tokenizer)
+    before, after = "这个酒店很好 总的来说，这是一条", "评价。"
+    tokens, start, end = pretraining_blank(real_tokenizer, before, "正面", after)
+    window = np.array([ids.cls] + tokens + [ids.eos])
+    objective = BlankInfillingBuilder(PretrainingArguments(seq_length=128), ids, sentence_end_table(real_tokenizer))
+    taught = objective.block_example(window, [(start + 1, end + 1)], ids.mask, "token", np.random.default_rng(0))
+
+    row = MultipleChoiceBuilder(real_tokenizer, src_length=128).build(before + "[MASK]" + after, ["正面", "负面"], 0)
+    assert row.choice_ids[0] == tokens[start:end] == taught.labels[taught.sep : -1]  # the span, without its eop
+    assert row.choice_ids[1] == real_tokenizer.sp_model.encode(before + "负面" + after)[start:end]
+    block = slice(row.context_length, row.context_length + len(row.choice_ids[0]))
+    assert row.context_length == taught.sep
+    assert row.input_ids[: block.stop] == taught.input_ids[: block.stop]
+    assert [channel[: block.stop] for channel in row.position_ids] == [channel[: block.stop] for channel in taught.position_ids]
+    assert row.choice_indices[0] == list(range(block.start, block.stop))
+
+
+def test_a_masked_word_source_is_tokenized_as_pretraining_saw_it(real_tokenizer):
+    """predict_generation.py's source for the README's held-out line: the text after the [MASK] continues
+    as in the whole line (学习和, not ▁学习 和); text without a blank, and text after a blank that starts
+    with a space, are tokenized as the tokenizer does."""
+    ids = special_token_ids(real_tokenizer)
+    before, answer, after = "……我们必须进一步", "深入", "学习和掌握党的十五大精神……"
+    tokens, start, end = pretraining_blank(real_tokenizer, before, answer, after)
+    source, _ = GLMInputBuilder(real_tokenizer, 200, 12, mask_token="[MASK]").source_ids(before + "[MASK]" + after)
+    assert source == [ids.cls] + tokens[:start] + [ids.mask] + tokens[end:] + [ids.eos]
+    builder = GLMInputBuilder(real_tokenizer, 200, 12)
+    for text in ("没有空白的一句话。", "好 [MASK] 不错", "[MASK]"):
+        assert builder.tokenize(text) == real_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert builder.tokenize(answer, continuation=True) == tokens[start:end]

@@ -61,7 +61,7 @@ def separate_sequence_scores(model, builder, context, choices):
     source, mask_position, _ = builder.context_ids(context)
     scores = []
     for choice in choices:
-        tokens = builder.glm.tokenize(choice)
+        tokens = builder.glm.tokenize(choice, continuation=True)  # as the builder tokenizes a choice
         input_ids = source + [builder.ids.sop] + tokens[:-1]
         position_ids = [list(range(len(source))) + [mask_position] * len(tokens),
                         [0] * len(source) + list(range(1, len(tokens) + 1))]  # fmt: skip
