@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_config_kwargs
 
 import evaluate
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.tokenization import load_tokenizer, special_token_ids
+from glm.tokenization import encode_text, load_tokenizer, special_token_ids
 from glm.understanding.language_model import lm_windows
 
 TOKENIZER_DIR = os.path.join(ROOT, "configs", "glm-tiny-chinese")
@@ -132,11 +132,12 @@ def test_lambada_accuracy_equals_slow_teacher_forced_check(loaded, tmp_path):
     _, tokenizer = loaded
     paddle.seed(4)
     model = GLMForConditionalGeneration(GLMConfig(**tiny_config_kwargs(vocab_size=576, max_sequence_length=64)))
-    single = tokenizer("这款", add_special_tokens=False)["input_ids"]
+    # Answers are tokenized as the line continues in pretraining: no sentencepiece "▁" before them.
+    single = encode_text(tokenizer, "裤", continuation=True)
     assert len(single) == 1  # a one-token answer the doctored model always predicts
     make_predict_this_token(model, single[0])
     model_dir = save_model(tmp_path / "model", model)
-    lines = ["上衣 百搭 这款", "真丝 材质 质感 这款", "主打 简约 风 的 裤", "一款 优雅 风格 的 裙", "这款 材质"]
+    lines = ["上衣 百搭 裤", "真丝 材质 质感 裤", "主打 简约 风 的 这款", "一款 优雅 风格 的 裙", "这款 材质"]
     data = tmp_path / "words.txt"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     results = run("--task", "lambada", "--model_name_or_path", model_dir, "--data_file", str(data),
@@ -148,7 +149,7 @@ def test_lambada_accuracy_equals_slow_teacher_forced_check(loaded, tmp_path):
     for line in lines:
         words = line.split()
         context = tokenizer("".join(words[:-1]), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(words[-1], add_special_tokens=False)["input_ids"]
+        answer = encode_text(tokenizer, words[-1], continuation=True)
         source = [ids.cls] + context + [ids.mask, ids.eos]
         log_probs = full_log_probs(model, source + [ids.sop] + answer[:-1], len(source), len(source) - 2)
         expected.append(all(log_probs[len(source) + j].argmax() == token for j, token in enumerate(answer)))

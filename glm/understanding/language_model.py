@@ -13,7 +13,7 @@ import paddle.nn.functional as F
 
 from ..errors import DataError
 from ..inputs import IGNORE_INDEX, GLMExample, collate_examples
-from ..tokenization import special_token_ids
+from ..tokenization import encode_text, special_token_ids
 
 __all__ = [
     "lm_windows", "window_example", "lambada_example", "lm_examples", "lambada_examples", "score_targets", "lm_metrics",
@@ -92,8 +92,9 @@ def lambada_examples(tokenizer, numbered_lines: Iterable[Tuple[int, str]], seq_l
         if len(words) < 2:
             raise DataError(f"{name}:{number}: needs a context and a last word")
         context = tokenizer(word_separator.join(words[:-1]), add_special_tokens=False)["input_ids"]
-        # As THUDM: the answer tokenized on its own, after the separator (" last" in English).
-        answer = tokenizer(word_separator + words[-1], add_special_tokens=False)["input_ids"]
+        # As THUDM: the answer tokenized on its own, after the separator (" last" in English), but as the text
+        # goes on (no sentencepiece "▁" before a Chinese word the line continues with: glm.tokenization.encode_text).
+        answer = encode_text(tokenizer, word_separator + words[-1], continuation=True)
         if not answer:
             raise DataError(f"{name}:{number}: the last word has no tokens")
         # [CLS] context [MASK] <|endoftext|> must fit; a long context keeps its end, next to the answer.
