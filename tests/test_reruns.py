@@ -111,6 +111,12 @@ def test_a_resumed_run_shows_its_own_bar_only(micro_model, micro_data, tmp_path,
     assert "Skipping the first batches" not in err and "it/s]" not in err  # PaddleNLP's bar, unlabelled first
 
 
+def test_an_evaluation_alone_does_not_call_its_model_trained(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
+    run(micro_model, micro_data, tmp_path, "--do_train", "false", "--do_eval", "true")
+    table = [line.split()[0] for line in capsys.readouterr().err.splitlines() if line.startswith(("trained", "evaluated"))]
+    assert table == ["evaluated"]
+
+
 def test_refusals_name_the_real_reason_over_a_finished_run(micro_model, micro_data, tmp_path, capsys):  # noqa: F811
     run(micro_model, micro_data, tmp_path, "--do_train", "--max_steps", "3")  # --save_steps 1000: no checkpoint
     capsys.readouterr()

@@ -120,7 +120,8 @@ def print_summary(args, untrained: Optional[dict], trained: Optional[dict], metr
     """The untrained vs trained table, the memory the run used (`memory`: glm.memory.plan.memory_summary),
     then where the files are."""
     rows = {name: model_metrics(metrics, prefix)
-            for name, metrics, prefix in (("untrained", untrained, "untrained"), ("trained", trained, "eval"))
+            for name, metrics, prefix in (("untrained", untrained, "untrained"),
+                                          ("trained" if args.do_train else "evaluated", trained, "eval"))
             if metrics}
     say()
     for line in results_table(rows, metric_labels) if rows else []:
