@@ -52,21 +52,24 @@ class GenerationArguments:
 GENERATION_SETTINGS = "generation_settings.json"
 
 
-def apply_checkpoint_settings(model_dir: str, given: Iterable[str], *targets) -> Optional[str]:
-    """Sets every field of `targets` (argument dataclasses) that `model_dir`'s GENERATION_SETTINGS names
-    and the user did not give (`given`: flag names without dashes); returns that file's path, or None
-    when the checkpoint has none."""
-    settings_file = os.path.join(model_dir, GENERATION_SETTINGS)
-    if not os.path.isfile(settings_file):
-        return None
-    with open(settings_file, encoding="utf-8") as f:
-        settings = json.load(f)
-    given = set(given)
-    for name, value in settings.items():
-        for target in targets:
-            if hasattr(target, name) and name not in given:
-                setattr(target, name, value)
-    return settings_file
+def apply_checkpoint_settings(directories: Sequence[str], given: Iterable[str], *targets) -> List[str]:
+    """Sets every field of `targets` (argument dataclasses) that a GENERATION_SETTINGS file in `directories`
+    names and the user did not give (`given`: flag names without dashes); a directory earlier in the list
+    wins (a LoRA adapter's settings over its base's). Returns the paths of the files read, in order."""
+    taken, read = set(given), []
+    for directory in directories:
+        settings_file = os.path.join(directory, GENERATION_SETTINGS)
+        if not os.path.isfile(settings_file):
+            continue
+        with open(settings_file, encoding="utf-8") as f:
+            settings = json.load(f)
+        for name, value in settings.items():
+            for target in targets:
+                if hasattr(target, name) and name not in taken:
+                    setattr(target, name, value)
+        taken |= set(settings)
+        read.append(settings_file)
+    return read
 
 
 def fit_to_model(model_dir: str, given: Iterable[str], lengths: Sequence[str], *targets) -> List[str]:

@@ -3,7 +3,6 @@ predict_generation.py and the server share, so both answer a text exactly as fin
 decodes it, and the flags that choose the checkpoint (their defaults from its generation_settings.json).
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,8 +10,8 @@ from typing import List, Optional, Sequence
 
 import paddle
 
-from .cli.arguments import flag_names
 from .checkpoint import check_model_path
+from .cli.arguments import flag_names
 from .cli.console import say, shown
 from .errors import CheckpointError, UserError
 from .generation import GLMGenerator, default_banned_ids, generate_answers, rows_per_source
@@ -116,14 +115,9 @@ def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args
     """Flags not in `argv` from the generation_settings.json of the LoRA adapter (--lora_path: what it was
     trained and evaluated with), then of the checkpoint; one line says what applies."""
     model, given = checked_model_path(args, default_model), flag_names(argv)
-    sources = []
-    for directory in ([args.lora_path] if args.lora_path else []) + [model]:
-        settings_file = apply_checkpoint_settings(directory, given, args, generation_args)
-        if settings_file:
-            sources.append(shown(settings_file))
-            with open(settings_file, encoding="utf-8") as f:
-                given = given | set(json.load(f))  # the adapter's settings win over the base's
-    source = ", then ".join(sources) if sources else "built-in defaults"
+    settings_files = apply_checkpoint_settings([args.lora_path, model] if args.lora_path else [model], given, args,
+                                               generation_args)
+    source = ", then ".join(map(shown, settings_files)) or "built-in defaults"
     lowered = fit_to_model(model, given, ("src_length", "tgt_length"), args, generation_args)
     if lowered:
         source += f", with {', '.join(lowered)}"
@@ -151,6 +145,6 @@ def load_predictor(args: CheckpointArguments, generation_args: GenerationArgumen
                    seed: Optional[int] = None, batch_size: int = 8) -> Predictor:
     """The Predictor of `args`' checkpoint; the embedded default `default_model` must have been trained."""
     return Predictor(
-        checked_model_path(args, default_model), generation_args, src_length=args.src_length, tgt_length=args.tgt_length, mask_token=args.mask_token,
-        lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
+        checked_model_path(args, default_model), generation_args, src_length=args.src_length, tgt_length=args.tgt_length,
+        mask_token=args.mask_token, lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
     )

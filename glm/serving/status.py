@@ -49,7 +49,7 @@ def page_defaults(state: ServingState) -> dict:
     """{form field id: value}: what a request that sets nothing is decoded with."""
     g = state.generation_args
     return {"strategy": g.decode_strategy, "max_tokens": state.predictor.config.tgt_length,
-            "min_tgt_length": min(g.min_tgt_length, state.predictor.config.tgt_length), "num_beams": g.num_beams,
+            "min_tgt_length": g.min_tgt_length, "num_beams": g.num_beams,
             "length_penalty": g.length_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
             "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
 

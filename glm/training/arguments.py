@@ -159,9 +159,9 @@ def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: b
     """The defaults of a run naming its model without a recipe (see parse_arguments), said in a few words."""
     model = next(arguments.model_name_or_path for arguments in parsed if hasattr(arguments, "model_name_or_path"))
     source = "the built-in defaults (THUDM's glm-large-chinese recipe)"
-    settings_file = apply_checkpoint_settings(model, given, *parsed) if checkpoint_settings else None
-    if settings_file:
-        source = f"{shown(settings_file)} (the lengths and decoding the model was trained with), then {source}"
+    settings_files = apply_checkpoint_settings([model], given, *parsed) if checkpoint_settings else []
+    if settings_files:
+        source = f"{shown(settings_files[0])} (the lengths and decoding the model was trained with), then {source}"
     lowered = fit_to_model(model, given, lengths, *parsed)
     if lowered:
         source += f", with {', '.join(lowered)}"
