@@ -36,12 +36,14 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import glm.generation  # noqa: E402
+import glm.model_runner  # noqa: E402
 import glm.modeling  # noqa: E402
 from bench.workloads import (  # noqa: E402
     DECODE_SHAPES, make_sources, paddlenlp_greedy, paddlenlp_inputs, paddlenlp_model, special_ids)
 from bench.machine import describe_machine  # noqa: E402
 from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
 from glm.decoding_cache import DecodingCache, DecodingMask  # noqa: E402
+from glm.model_runner import DecodingRows  # noqa: E402
 from glm.modeling import GLMAttention  # noqa: E402
 from glm.packed_gemm import packed_transposed  # noqa: E402
 from glm.tokenization import GLMSpecialIds  # noqa: E402
@@ -95,20 +97,21 @@ class StepSplit:
         patches += [(model, "lm_logits", "weight matmuls")]
         for layer in model.sublayers():
             if isinstance(layer, GLMAttention):
-                patches += [(layer, "_attention", "attention"), (layer, "_decoding_attention", "attention"),
+                patches += [(layer, "_attention", "attention"), (layer, "decoding_attention", "attention"),
                             (layer, "forward", None)]
         in_attention_forward = lambda stack: "cache writes/copies" if stack and stack[-1][0] is None else None  # noqa: E731
         patches += [(DecodingCache, "write", "cache writes/copies"), (paddle, "concat", in_attention_forward),
                     (glm.modeling, "attention_bias", "masks/positions"), (DecodingMask, "advance", "masks/positions"),
                     (DecodingMask, "select", "reorder/drop rows"), (paddle, "index_select", "reorder/drop rows"),
-                    (paddle, "to_tensor", "host transfers"), (glm.generation, "_tensor", "host transfers"),
+                    (paddle, "to_tensor", "host transfers"), (glm.model_runner, "as_tensor", "host transfers"),
                     (paddle.Tensor, "numpy", "host transfers")]
-        patches += [(generator, name, "search (NumPy)") for name in ("_beam_search", "_sample", "_logprobs")]
+        patches += [(generator, name, "search (NumPy)") for name in ("_beam_search", "_sample")]
+        patches += [(generator.runner, "logprobs", "search (NumPy)")]
         # The model runs inside the search loops: without its own frame, LayerNorm & co. would count as search.
-        patches += [(generator, "_forward", "other ops"), (glm.generation._DecodingRows, "step", "masks/positions")]
+        patches += [(generator.runner, "forward", "other ops"), (DecodingRows, "step", "masks/positions")]
         patches += [(glm.generation, name, "search (NumPy)") for name in
-                    ("process_scores", "beam_candidates", "top_k_indices", "choose_beams", "sample_tokens",
-                     "log_softmax")]
+                    ("process_scores", "beam_candidates", "top_k_indices", "choose_beams", "sample_tokens")]
+        patches += [(glm.model_runner, "log_softmax", "search (NumPy)")]
         saved = [(owner, name, vars(owner).get(name, _MISSING)) for owner, name, _ in patches]
         for owner, name, kind in patches:
             setattr(owner, name, self.timed(kind, getattr(owner, name)))
@@ -153,16 +156,15 @@ def weight_matmul_seconds(model, row_counts, repeats=5):
     inputs = {rows: ([paddle.randn([rows, 1, layer.weight.shape[0]]) for layer in linears], paddle.randn([rows, hidden]))
               for rows in row_counts}
     seconds = {rows: [] for rows in row_counts}
-    model.packed_lm_head = packed_transposed(model.glm.word_embeddings.weight, max(row_counts))  # as generate does
+    packed = packed_transposed(model.glm.word_embeddings.weight, max(row_counts))  # as generate does
     with paddle.no_grad():
         for _ in range(repeats + 1):  # the first round warms up
             for rows, (linear_inputs, head_input) in inputs.items():
                 start = clock()
                 for layer, x in zip(linears, linear_inputs):
                     layer(x)
-                model.lm_logits(head_input)
+                model.lm_logits(head_input, packed=packed)
                 seconds[rows].append(clock() - start)
-    model.packed_lm_head = None
     return {rows: float(np.median(times[1:])) for rows, times in seconds.items()}
 
 

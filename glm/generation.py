@@ -4,12 +4,10 @@ Each blank is answered after `<|startofpiece|>` fed at the blank's position; the
 at the mask position while the block channel counts 1, 2, 3, ... Several blanks are filled left to
 right, each answer joining the memory before the next blank starts (THUDM's generate_samples).
 
-The model is used through one narrow interface, `_extend` (and `_forward` / `_logprobs` under it): feed
-tokens with explicit positions and a mask over memory + new keys, get the cache back (and the last
-position's log-probabilities). Decoding steps go through `_DecodingRows` over a DecodingCache and a
-DecodingMask (glm/decoding_cache.py). The search runs in NumPy on the [rows, vocab] log-probabilities, in
-pieces a step-wise engine can reuse: `log_softmax`, `process_scores` (THUDM's logit processors),
-`top_k_indices` / `beam_candidates` (candidate selection) and `BeamHypotheses` (finished answers).
+The model is used only through a ModelRunner (glm/model_runner.py: encode, extend, the DecodingRows of a
+blank, the packed LM head); the server's engine passes its own runner. The search runs in NumPy on the
+[rows, vocab] log-probabilities, in pieces: `process_scores` (THUDM's logit processors), `top_k_indices` /
+`beam_candidates` (candidate selection) and `BeamHypotheses` (finished answers).
 
 Batches are left-padded: padded keys are marked invalid in `memory_valid` and never attended.
 """
@@ -21,9 +19,9 @@ import numpy as np
 import paddle
 
 from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, SEED, TGT_LENGTH
-from .decoding_cache import DecodingCache, DecodingMask, DecodingMaskGroup
+from .decoding_cache import as_tensor
 from .errors import InvalidSettings
-from .packed_gemm import packed_transposed
+from .model_runner import ModelRunner
 from .tokenization import GLMSpecialIds
 
 __all__ = ["GenerationConfig", "GLMGenerator", "generate_answers", "default_banned_ids", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
@@ -115,13 +113,6 @@ def rows_per_source(config: GenerationConfig) -> int:
     return config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities of float32 logits [rows, vocab], as `logits - logsumexp(logits)`. In NumPy: Paddle's
-    CPU logsumexp took 7-9 ms for 20 x 50048 (this takes ~1.5 ms) and its log_softmax ~100x longer."""
-    top = logits.max(axis=-1, keepdims=True)
-    return logits - (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))
-
-
 def process_scores(scores, generated, step, config, stop_ids, banned_ids):
     """THUDM's logit processors on log-probabilities [rows, vocab], in place, vectorised over rows: banned ids,
     min length (the stop ids until `min_tgt_length` tokens exist), no-repeat-ngram. `generated` [rows, step]
@@ -201,34 +192,30 @@ class GLMGenerator:
     the padded rows of the embedding above the tokenizer's vocabulary).
     """
 
-    def __init__(self, model, special_ids: GLMSpecialIds, banned_ids: Sequence[int] = ()):
-        self.model = getattr(model, "model", model)  # a peft LoRAModel wraps the GLM it adapts
+    def __init__(self, model, special_ids: GLMSpecialIds, banned_ids: Sequence[int] = (), runner: Optional[ModelRunner] = None):
+        self.runner = runner or ModelRunner(model)
+        self.model = self.runner.model
         self.ids = special_ids
         self.stop_ids = np.array([special_ids.eop, special_ids.eos])
         self.banned_ids = np.array(sorted(set(banned_ids)), dtype="int64")
         self.max_positions = self.model.config.max_sequence_length
 
     @paddle.no_grad()
-    def generate(self, sources: Sequence[Sequence[int]], config: GenerationConfig) -> List[List[List[List[int]]]]:
+    def generate(self, sources: Sequence[Sequence[int]], config: GenerationConfig, on_blank=None) -> List[List[List[List[int]]]]:
         """Per source, per blank (left to right), the `num_return_sequences` best answers as token lists
-        (without <|startofpiece|> and the stop token). Later blanks are conditioned on the best answer."""
+        (without <|startofpiece|> and the stop token). Later blanks are conditioned on the best answer.
+        `on_blank(blank, answers)`, if given, is called as each blank is decided (answers per live source)."""
         was_training = self.model.training
         self.model.eval()
         # The LM head is the largest matrix: MKL would re-pack all of it at every step (glm/packed_gemm.py).
-        # A caller that packed it already (glm/serving's engine, for all its rows) keeps its pack.
-        packing = self.model.packed_lm_head is None
-        if packing:
-            rows = len(sources) * rows_per_source(config)
-            self.model.packed_lm_head = packed_transposed(self.model.glm.word_embeddings.weight, rows)
         try:
-            return self._generate(sources, config)
+            with self.runner.packed_lm_head(len(sources) * rows_per_source(config)):
+                return self._generate(sources, config, on_blank)
         finally:
-            if packing:
-                self.model.packed_lm_head = None
             if was_training:
                 self.model.train()
 
-    def _generate(self, sources, config):
+    def _generate(self, sources, config, on_blank):
         blanks = [[i for i, token in enumerate(source) if token in self.ids.mask_ids] for source in sources]
         for index, (source, positions) in enumerate(zip(sources, blanks)):
             if not positions:
@@ -239,66 +226,26 @@ class GLMGenerator:
                     f"max_sequence_length is {self.max_positions}"
                 )
         rng = np.random.default_rng(config.seed)
-        cache, memory_valid = self._encode_sources(sources)
+        cache, memory_valid = self.runner.encode(sources, self.ids.pad)
         results = [[] for _ in sources]
         active = list(range(len(sources)))  # the sources whose rows are in the cache, in cache order
         for blank in range(max(len(positions) for positions in blanks)):
             keep = [i for i, source in enumerate(active) if len(blanks[source]) > blank]
             if len(keep) < len(active):  # sources with no blank left drop out of the cache
-                index = _tensor(np.array(keep, dtype="int64"))
+                index = as_tensor(np.array(keep, dtype="int64"))
                 cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
                 memory_valid = memory_valid[keep]
                 active = [active[i] for i in keep]
             mask_positions = np.array([blanks[source][blank] for source in active])
             answers = self._decode_blank(cache, memory_valid, mask_positions, config, rng)
+            if on_blank is not None:
+                on_blank(blank, answers)
             for source, answer in zip(active, answers):
                 results[source].append(answer)
             if any(len(blanks[source]) > blank + 1 for source in active):
                 best = [answer[0] for answer in answers]
                 cache, memory_valid = self._append_answers(cache, memory_valid, mask_positions, best)
         return results
-
-    # -- the model interface ------------------------------------------------------------------------
-
-    def _extend(self, cache, memory_valid, input_ids, position_ids, new_valid, causal, with_logprobs):
-        """Feed [N, q] tokens on top of the memory; returns (cache, memory_valid, last-position log-probs)."""
-        rows, q = input_ids.shape
-        memory = memory_valid.shape[1]
-        new_keys = np.broadcast_to(new_valid[:, None, :], (rows, q, q))
-        if causal:
-            new_keys = new_keys & np.tril(np.ones((q, q), dtype=bool))
-        old_keys = np.broadcast_to(memory_valid[:, None, :], (rows, q, memory))
-        mask = np.concatenate([old_keys, new_keys], axis=-1)[:, None]  # [N, 1, q, M + q]
-        hidden, cache = self._forward(cache or None, input_ids, position_ids, mask)
-        logprobs = self._logprobs(hidden) if with_logprobs else None
-        return cache, np.concatenate([memory_valid, new_valid], axis=1), logprobs
-
-    def _forward(self, cache, input_ids, position_ids, mask):
-        """The model over NumPy inputs; `mask` is a 0/1 array, a DecodingMask (the decoding steps') or a
-        DecodingMaskGroup (glm/serving's steps of several sources)."""
-        mask = mask if isinstance(mask, (DecodingMask, DecodingMaskGroup)) else _tensor(mask)
-        return self.model.glm(_tensor(input_ids), _tensor(position_ids), mask, cache=cache, use_cache=True,
-                              return_dict=False)
-
-    def _logprobs(self, hidden):
-        """The last position's log-probabilities [N, vocab], float32 in NumPy: the one host transfer of a step."""
-        logits = self.model.lm_logits(hidden[:, -1])
-        return log_softmax(logits.numpy().astype("float32", copy=False))
-
-    def _encode_sources(self, sources):
-        """One bidirectional pass over the left-padded sources."""
-        length = max(len(source) for source in sources)
-        input_ids = np.full((len(sources), length), self.ids.pad, dtype="int64")
-        position_ids = np.zeros((len(sources), 2, length), dtype="int64")
-        valid = np.zeros((len(sources), length), dtype=bool)
-        for row, source in enumerate(sources):
-            start = length - len(source)
-            input_ids[row, start:] = source
-            position_ids[row, 0, start:] = np.arange(len(source))
-            valid[row, start:] = True
-        empty = np.zeros((len(sources), 0), dtype=bool)
-        cache, memory_valid, _ = self._extend(None, empty, input_ids, position_ids, valid, False, False)
-        return cache, memory_valid
 
     def _append_answers(self, cache, memory_valid, mask_positions, answers):
         """Puts `<|startofpiece|> answer` of each row into the memory, as THUDM does before the next blank."""
@@ -311,11 +258,8 @@ class GLMGenerator:
             position_ids[row, 0] = mask_positions[row]
             position_ids[row, 1, : len(answer) + 1] = np.arange(1, len(answer) + 2)
             valid[row, : len(answer) + 1] = True
-        cache, memory_valid, _ = self._extend(cache, memory_valid, input_ids, position_ids, valid, True, False)
+        cache, memory_valid, _ = self.runner.extend(cache, memory_valid, input_ids, position_ids, valid, True, False)
         return cache, memory_valid
-
-    def _start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
-        return _DecodingRows(self, cache, memory_valid, mask_positions, copies, capacity)
 
     # -- the search ---------------------------------------------------------------------------------
 
@@ -324,11 +268,11 @@ class GLMGenerator:
         # <|startofpiece|> joins the memory the beams / samples of a source share; it predicts token 1.
         sop = np.full((batch, 1), self.ids.sop, dtype="int64")
         position_ids = np.stack([mask_positions, np.ones_like(mask_positions)], axis=1)[:, :, None]
-        cache, memory_valid, logprobs = self._extend(
+        cache, memory_valid, logprobs = self.runner.extend(
             cache, memory_valid, sop, position_ids, np.ones((batch, 1), dtype=bool), True, True
         )
         copies = rows_per_source(config)
-        rows = self._start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
+        rows = self.runner.start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
         search = self._beam_search if config.decode_strategy == "beam_search" else self._sample
         return search(rows, np.repeat(logprobs, copies, axis=0), batch, copies, config, rng)
 
@@ -423,48 +367,6 @@ def sample_tokens(scores, config, rng):
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
-
-
-class _DecodingRows:
-    """The rows decoding one blank: `copies` rows (beams or samples) for each live source, over one
-    DecodingCache per layer and the DecodingMask of what each row sees. The search only steps them,
-    reorders them and drops finished sources."""
-
-    def __init__(self, generator, cache, memory_valid, mask_positions, copies, capacity):
-        self.generator, self.copies = generator, copies
-        self.cache = [DecodingCache(layer, copies, capacity) for layer in cache]
-        self.mask = DecodingMask(memory_valid, copies, capacity)
-        self.mask_positions = np.repeat(mask_positions, copies)  # per row: the position channel stays there
-        self.generated = 0  # tokens fed since <|startofpiece|>
-
-    def step(self, tokens):
-        """Feeds one token per row; returns the next log-probabilities [rows, vocab]."""
-        self.generated += 1
-        self.mask.advance()
-        blocks = np.full_like(self.mask_positions, self.generated + 1)
-        position_ids = np.stack([self.mask_positions, blocks], axis=1)[:, :, None]  # [rows, 2, 1]
-        hidden, _ = self.generator._forward(self.cache, tokens[:, None], position_ids, self.mask)
-        return self.generator._logprobs(hidden)
-
-    def select(self, rows, keep_sources):
-        """Row i continues row rows[i] (of its own source); sources where keep_sources is False leave."""
-        if not keep_sources.all():
-            rows = rows.reshape(-1, self.copies)[keep_sources].reshape(-1)
-            sources = _tensor(np.flatnonzero(keep_sources))
-            for layer in self.cache:
-                layer.keep_sources(sources)
-            self.mask_positions = self.mask_positions.reshape(-1, self.copies)[keep_sources].reshape(-1)
-        elif np.array_equal(rows, np.arange(len(rows))):
-            return  # nothing moved
-        self.mask.select(_tensor(rows))
-
-
-def _tensor(array):
-    """A NumPy array as a Paddle tensor, by paddle.assign: Paddle 3.3.1's paddle.to_tensor and the
-    paddle.Tensor constructor each leave one Python object behind per call (gc finds it without a
-    referrer), a few per decoding step, which a long-running server accumulates; assign leaves none
-    and costs ~10 us more per call."""
-    return paddle.assign(np.ascontiguousarray(array))
 
 
 def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,

@@ -31,7 +31,7 @@ from paddlenlp.transformers.model_outputs import (
 from paddlenlp.utils.initializer import normal_, ones_, zeros_
 
 from .configuration import GLMConfig
-from .decoding_cache import MASKED_SCORE, DecodingCache, DecodingCacheGroup, DecodingMask, DecodingMaskGroup, LayerCache
+from .decoding_cache import MASKED_SCORE, LayerCache, StepCache, StepMask
 
 __all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias"]
 
@@ -51,13 +51,10 @@ def attention_bias(attention_mask, batch_size: int, query_length: int, memory_le
       int [B] or [1]  -> `sep` per row: query i (absolute index M+i) sees key j iff j < sep or j <= M+i,
                          i.e. the source before sep is bidirectional and the target is causal;
       0/1 or bool [B, 1, q, M+q] -> 1 where attending is allowed (can also hide padding);
-      DecodingMask    -> its bias [B, 1, beams, keys], for one token per row over DecodingCache;
-      DecodingMaskGroup -> the list of its masks' biases, for a DecodingCacheGroup.
+      StepMask        -> its `layer_bias()`, for one token per row over a StepCache (glm/decoding_cache.py).
     """
-    if isinstance(attention_mask, DecodingMask):
+    if isinstance(attention_mask, StepMask):
         return attention_mask.layer_bias()
-    if isinstance(attention_mask, DecodingMaskGroup):
-        return [mask.layer_bias() for mask in attention_mask.masks]
     key_length = memory_length + query_length
     if attention_mask is None:
         attention_mask = paddle.zeros([batch_size], dtype="int64")
@@ -93,16 +90,9 @@ class GLMAttention(nn.Layer):
         self.output_dropout = Dropout(config.output_dropout_prob)
 
     def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
-        if isinstance(cache, DecodingCache):
-            context = self._decoding_attention(self.query_key_value(hidden_states), bias, cache)
+        if isinstance(cache, StepCache):  # a decoding step: the cache attends (glm/decoding_cache.py)
+            context = cache.attend(self, self.query_key_value(hidden_states), bias)
             return self.output_dropout(self.dense(context)), cache
-        if isinstance(cache, DecodingCacheGroup):  # one projection for all rows, attention per source
-            qkv, contexts, start = self.query_key_value(hidden_states), [], 0
-            for part, part_bias in zip(cache.caches, bias):
-                end = start + part.keys.shape[0] * part.beams
-                contexts.append(self._decoding_attention(qkv[start:end], part_bias, part))
-                start = end
-            return self.output_dropout(self.dense(paddle.concat(contexts))), cache
         batch_size, query_length = hidden_states.shape[:2]
         # The fused projection lays out [q | k | v] along the last axis, each [heads * head_dim]. Split
         # first: its backward is a concat, where slicing one 5-D tensor scatters into zeros (2x slower).
@@ -134,7 +124,7 @@ class GLMAttention(nn.Layer):
         probs = self.attention_dropout(probs)
         return paddle.matmul(probs, value)  # [B, heads, q, head_dim]
 
-    def _decoding_attention(self, qkv, bias, cache: DecodingCache):
+    def decoding_attention(self, qkv, bias, cache):
         """`_attention` for one new token per row over a DecodingCache: the same scores, one softmax over the
         keys the row sees. qkv [R, 1, 3 * hidden] (the projection), R = sources x beams; bias [B, 1, beams,
         keys]. Few ops, each over all rows: at one token per row a step is mostly dispatch, not arithmetic."""
@@ -281,7 +271,7 @@ def _check_runs_here(tensor):
 
 
 def _memory_length(layer_cache) -> int:
-    if isinstance(layer_cache, (DecodingCache, DecodingCacheGroup)):
+    if isinstance(layer_cache, StepCache):
         return layer_cache.memory_length
     return layer_cache[0].shape[2]
 
@@ -334,12 +324,12 @@ class GLMForConditionalGeneration(GLMPretrainedModel):
     def __init__(self, config: GLMConfig):
         super().__init__(config)
         self.glm = GLMModel(config)
-        # While GLMGenerator decodes on CPU: the word embeddings packed for MKL (glm/packed_gemm.py).
-        self.packed_lm_head = None
 
-    def lm_logits(self, hidden_states):
-        if self.packed_lm_head is not None and not paddle.is_grad_enabled():
-            return self.packed_lm_head.matmul(hidden_states)
+    def lm_logits(self, hidden_states, packed=None):
+        """hidden_states . E^T (the head is tied to the word embeddings); `packed`: E^T packed by the caller
+        (glm/packed_gemm.py, a decoding ModelRunner's), used instead of the matmul."""
+        if packed is not None:
+            return packed.matmul(hidden_states)
         return paddle.matmul(hidden_states, self.glm.word_embeddings.weight, transpose_y=True)
 
     def forward(

@@ -9,6 +9,7 @@ from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
 from glm.generation import GenerationConfig, GLMGenerator, top_k_indices
+from glm.model_runner import DecodingRows, ModelRunner
 from glm.tokenization import GLMSpecialIds
 
 IDS = GLMSpecialIds(cls=90, eos=91, sop=95, eop=89, mask=92, smask=93, gmask=94)
@@ -77,7 +78,7 @@ def biased(model, bias):
     bias_vector = paddle.zeros([VOCAB])
     for token, value in bias.items():
         bias_vector[token] = value
-    model.lm_logits = lambda hidden: original(hidden) + bias_vector
+    model.lm_logits = lambda hidden, **kwargs: original(hidden, **kwargs) + bias_vector
     return model
 
 
@@ -221,18 +222,18 @@ class ConcatCacheRows:
     """The cache layout before DecodingCache, kept as the reference: every row carries its own copy of the
     memory, the step's keys are concatenated onto it, and a beam reorder copies it all."""
 
-    def __init__(self, generator, cache, memory_valid, mask_positions, copies, capacity):
+    def __init__(self, runner, cache, memory_valid, mask_positions, copies, capacity):
         index = paddle.to_tensor(np.repeat(np.arange(len(mask_positions)), copies))
         self.cache = [(paddle.index_select(k, index), paddle.index_select(v, index)) for k, v in cache]
         self.memory_valid = np.repeat(memory_valid, copies, axis=0)
         self.mask_positions = np.repeat(mask_positions, copies)
-        self.generator, self.copies, self.generated = generator, copies, 0
+        self.runner, self.copies, self.generated = runner, copies, 0
 
     def step(self, tokens):
         self.generated += 1
         position_ids = np.stack([self.mask_positions, np.full_like(self.mask_positions, self.generated + 1)], axis=1)
         valid = np.ones((len(tokens), 1), dtype=bool)
-        self.cache, self.memory_valid, logprobs = self.generator._extend(
+        self.cache, self.memory_valid, logprobs = self.runner.extend(
             self.cache, self.memory_valid, tokens[:, None], position_ids[:, :, None], valid, True, True
         )
         return logprobs
@@ -244,8 +245,8 @@ class ConcatCacheRows:
         self.memory_valid, self.mask_positions = self.memory_valid[rows], self.mask_positions[rows]
 
 
-class ConcatCacheGenerator(GLMGenerator):
-    def _start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
+class ConcatCacheRunner(ModelRunner):
+    def start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
         return ConcatCacheRows(self, cache, memory_valid, mask_positions, copies, capacity)
 
 
@@ -268,17 +269,15 @@ def test_shared_memory_cache_gives_the_same_answers_as_per_row_copies(config, mo
         [IDS.cls, 14, IDS.smask, 15, 16, 17, IDS.mask, IDS.eos],  # two blanks
     ]
     dropped = []
-    original_select = GLMGenerator._start_rows
+    original_select = DecodingRows.select
 
-    def recording_rows(self, *args):
-        rows = original_select(self, *args)
-        select = rows.select
-        rows.select = lambda order, keep: (dropped.append(int((~keep).sum())), select(order, keep))
-        return rows
+    def recording_select(self, order, keep):
+        dropped.append(int((~keep).sum()))
+        original_select(self, order, keep)
 
-    monkeypatch.setattr(GLMGenerator, "_start_rows", recording_rows)
+    monkeypatch.setattr(DecodingRows, "select", recording_select)
     new = GLMGenerator(model, IDS).generate(sources, config)
-    old = ConcatCacheGenerator(model, IDS).generate(sources, config)
+    old = GLMGenerator(model, IDS, runner=ConcatCacheRunner(model)).generate(sources, config)
     assert [len(blanks) for blanks in new] == [3, 1, 2]
     assert new == old
     assert sum(dropped) > 0  # finished sources did leave the batch

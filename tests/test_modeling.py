@@ -10,6 +10,7 @@ from paddlenlp.transformers import GLMForConditionalGeneration as PaddleNLPGLM
 
 import glm.modeling
 from glm import GLMConfig, GLMForConditionalGeneration
+from glm.decoding_cache import DecodingCache, DecodingMask
 from glm.lora import apply_lora
 
 BATCH, LENGTH = 3, 12
@@ -293,13 +294,13 @@ def test_bad_attention_mask_shape_is_a_clear_error(tiny_model):
 
 def test_a_full_decoding_cache_raises_instead_of_dropping_keys():
     memory = (paddle.zeros([2, 4, 3, 8]), paddle.zeros([2, 4, 3, 8]))  # 2 sources, 4 heads, 3 positions
-    cache = glm.modeling.DecodingCache(memory, beams=2, capacity=1)
-    mask = glm.modeling.DecodingMask(np.ones([2, 3], dtype=bool), beams=2, capacity=1)
+    cache = DecodingCache(memory, beams=2, capacity=1)
+    mask = DecodingMask(np.ones([2, 3], dtype=bool), beams=2, capacity=1)
     step = paddle.ones([2, 4, 2, 8])
-    mask.advance()
+    mask.advance(3)
     cache.write(step, step)
     assert cache.memory_length == 5
     with pytest.raises(ValueError, match="DecodingCache is full"):
         cache.write(step, step)
     with pytest.raises(ValueError, match="DecodingMask is full"):
-        mask.advance()
+        mask.advance(5)

@@ -5,7 +5,7 @@ import paddle
 import pytest
 from conftest import tiny_config_kwargs
 
-import glm.generation
+import glm.model_runner
 import glm.packed_gemm
 from glm import GLMConfig, GLMForConditionalGeneration
 from glm.generation import GenerationConfig, GLMGenerator
@@ -49,11 +49,11 @@ def test_decoding_gives_the_same_answers_with_and_without_the_packed_head(monkey
     configs = [GenerationConfig(decode_strategy="greedy_search", tgt_length=12),
                GenerationConfig(num_beams=4, tgt_length=12, length_penalty=0.7, num_return_sequences=2)]
     packed_calls = []
-    real = glm.generation.packed_transposed
-    monkeypatch.setattr(glm.generation, "packed_transposed",
+    real = glm.model_runner.packed_transposed
+    monkeypatch.setattr(glm.model_runner, "packed_transposed",
                         lambda weight, rows: packed_calls.append(rows) or real(weight, rows))
     generator = GLMGenerator(model, IDS)
     packed = [generator.generate(sources, config) for config in configs]
-    assert packed_calls == [2, 8] and model.packed_lm_head is None  # packed for the call's rows, dropped after
-    monkeypatch.setattr(glm.generation, "packed_transposed", lambda weight, rows: None)
+    assert packed_calls == [2, 8]  # packed for each call's rows (the runner's pack, dropped after the call)
+    monkeypatch.setattr(glm.model_runner, "packed_transposed", lambda weight, rows: None)
     assert [generator.generate(sources, config) for config in configs] == packed

@@ -11,13 +11,18 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
 from test_finetune import micro_model, micro_weights_model  # noqa: F401  (fixtures)
+from test_generation import IDS, model_with_seed, source
 
 import predict_generation
+from glm.decoding_cache import DEAD_STEPS_KEPT, DecodingBatch
+from glm.generation import GenerationConfig, GLMGenerator
 from glm.generation_settings import GenerationArguments
+from glm.model_runner import DecodingRows
 from glm.prediction import BLANK, Predictor
 from glm.serving.app import ServeOptions, create_app
 from glm.serving.engine import Engine, QueueFull, Source, SourceListener
@@ -165,7 +170,7 @@ def test_sources_join_the_running_batch_and_leave_when_done(micro_weights_model,
     per_source = max(1, config.num_beams if name == "beam" else config.num_return_sequences)
     assert rows[0] == per_source and max(rows) == 4 * per_source  # joined the running batch
     assert rows[-1] < max(rows)  # and the batch shrank as sources finished
-    assert predictor.generator.model.packed_lm_head is None  # the engine's LM-head pack is dropped when idle
+    assert not predictor.generator.runner.lm_head_packed  # the engine's LM-head pack is dropped when idle
 
 
 def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_weights_model):  # noqa: F811
@@ -188,6 +193,58 @@ def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_wei
         engine.run_once()
     assert [listener.result for listener in listeners] == [alone for _, _, alone in work]
     assert max(rows) == 1 + 1 + 2 + 3 + 2  # every source's rows in one step
+
+
+def test_a_long_running_batch_widens_its_memory_and_drops_steps_no_source_sees(monkeypatch):
+    """Sources joining a batch that has decoded for a while: a longer memory widens the shared one (left
+    padding), and once every live source joined after DEAD_STEPS_KEPT steps, the columns of those steps are
+    dropped. Every step's log-probabilities equal those of the source decoded alone (greedy answers of a
+    random model hardly depend on what is attended; the log-probabilities do)."""
+    generator = GLMGenerator(model_with_seed(7, initializer_range=0.3, max_sequence_length=128), IDS)
+    dropped, steps = [], {}
+    original_drop, original_rows_step, original_engine_step = DecodingBatch._drop_dead_steps, DecodingRows.step, Engine._step
+
+    def recording_drop(batch):
+        before = batch.steps
+        original_drop(batch)
+        dropped.append(before - batch.steps)
+
+    def alone_step(rows, tokens):
+        logprobs = original_rows_step(rows, tokens)
+        steps.setdefault("alone", []).append(logprobs)
+        return logprobs
+
+    def engine_step(engine, batches, members):
+        results = original_engine_step(engine, batches, members)
+        for member, logprobs in zip(members, results):
+            steps.setdefault(tuple(member.source.ids), []).append(logprobs)
+        return results
+
+    monkeypatch.setattr(DecodingBatch, "_drop_dead_steps", recording_drop)
+    monkeypatch.setattr(DecodingRows, "step", alone_step)
+    monkeypatch.setattr(Engine, "_step", engine_step)
+    greedy = lambda tokens: GenerationConfig(decode_strategy="greedy_search", tgt_length=tokens, min_tgt_length=tokens)  # noqa: E731
+    work = [(source(5), greedy(70)), (source(6, 7, 8, 9, 10, 11), greedy(40)), (source(12, 13, 14, 15, 16, 17, 18), greedy(10))]
+    alone = []
+    for ids, config in work:
+        alone.append((generator.generate([ids], config)[0], steps.pop("alone")))
+    engine = Engine(generator)
+    listeners = [Recorder() for _ in work]
+    engine.submit([Source(*work[0], listeners[0])])
+    for _ in range(DEAD_STEPS_KEPT + 4):
+        engine.run_once()
+    engine.submit([Source(*work[1], listeners[1])])  # joins at step DEAD_STEPS_KEPT + 2, with a longer memory
+    while listeners[0].result is None:
+        engine.run_once()
+    engine.submit([Source(*work[2], listeners[2])])  # joins alone with the second: the first's steps are dead
+    while engine._live or engine._queue:
+        engine.run_once()
+    assert max(dropped) >= DEAD_STEPS_KEPT
+    for (ids, _), listener, (answer, logprobs) in zip(work, listeners, alone):
+        assert listener.result == answer
+        served = steps[tuple(ids)]
+        assert len(served) == len(logprobs)
+        np.testing.assert_allclose(np.concatenate(served), np.concatenate(logprobs), atol=1e-4)
 
 
 def test_engine_queue_bound_and_time_limit(micro_weights_model):  # noqa: F811

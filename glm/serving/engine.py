@@ -2,27 +2,29 @@
 next step and leave the moment they finish.
 
 Every source (one prompt of a request) is decoded by the project's own `GLMGenerator.generate`, the code
-predict_generation.py runs, in a greenlet of its own on the engine's thread. Its model calls (`_forward`)
-do not run the model: they switch back to the engine with the call. The engine resumes the sources one
-at a time (a switch costs about a microsecond and no OS scheduling, where a thread per source paid two
-thread hand-overs per step), collects the model call each one is waiting on, and then runs them:
+predict_generation.py runs, in a greenlet of its own on the engine's thread, through a ModelRunner of the
+engine's (`_EngineRunner`): its model calls do not run the model, they switch back to the engine with the
+call. The engine resumes the sources one at a time (a switch costs about a microsecond), collects the model
+call each one is waiting on, and then runs them:
 
-  * encoding a source, `<|startofpiece|>` and the answers put into memory between blanks: one forward
-    per source, exactly as predict with --batch_size 1 runs it;
+  * encoding a source, `<|startofpiece|>` and the answers put into memory between blanks: one forward per
+    source, exactly as predict with --batch_size 1 runs it;
   * one decoding step of every source that is decoding, whatever its strategy, beam width, memory length
-    or generated count: ONE forward (glm.decoding_cache.DecodingCacheGroup and DecodingMaskGroup: the rows of
-    all sources go through every weight matmul together; each source attends over its own cache).
+    or generated count: ONE forward. The rows of all sources with the same rows per source (beams or
+    copies) live in one shared DecodingBatch (glm/decoding_cache.py): a source joins it when its blank
+    starts, its memory left-padded into the batch's, and leaves when it stops stepping, so attention runs
+    once per width for all sources, not once per source.
 
-While anything decodes, the LM head is packed once for `max_rows` rows (glm/packed_gemm.py), and the
-sources' generate calls use that pack instead of making their own.
+While anything decodes, the LM head is packed once for `max_rows` rows (ModelRunner.packed_lm_head).
 
-So the search (processors, candidates, beam hypotheses, finished sources leaving) is generate's, not a
-copy. A source decoding alone runs the same operations on the same shapes as predict with --batch_size 1,
-so its answer is bit-identical; batched with others, its weight matmuls see more rows, which can move the
-last float bits of its log-probabilities (the answer changes only if two candidates tie to that precision).
+So the search (processors, candidates, beam hypotheses) is generate's, not a copy. Batched with others, a
+source's weight matmuls see more rows and its attention runs over padded keys (masked, adding exact zeros),
+which can move the last float bits of its log-probabilities: the answer changes only if two candidates tie
+to that precision.
 """
 
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,9 +35,9 @@ import paddle
 from greenlet import greenlet
 from paddlenlp.utils.log import logger
 
-from ..generation import GenerationConfig, GLMGenerator, _DecodingRows, rows_per_source
-from ..decoding_cache import DecodingCache, DecodingCacheGroup, DecodingMaskGroup
-from ..packed_gemm import packed_transposed
+from ..decoding_cache import DecodingBatch
+from ..generation import GenerationConfig, GLMGenerator, rows_per_source
+from ..model_runner import ModelRunner
 
 __all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull"]
 
@@ -94,38 +96,84 @@ class Source:
             self.cancel_reason = reason
 
 
-class _SourceGenerator(GLMGenerator):
-    """The served GLMGenerator for one source: the same search, its model calls handed to the engine."""
+class _EngineRunner(ModelRunner):
+    """The ModelRunner of one served source's GLMGenerator: `extend` hands the call to the engine (the source's
+    greenlet waits for the result), `start_rows` joins the engine's shared batch of the blank's width."""
 
-    def __init__(self, base: GLMGenerator, source: Source, engine: "Engine"):
-        self.__dict__.update(base.__dict__)  # the same model, special ids, banned ids
-        self.source, self.engine = source, engine
-        self._blank = 0  # the blank being decoded
+    def __init__(self, engine: "Engine", source: Source):
+        super().__init__(engine.runner.model)
+        self.engine, self.source = engine, source
 
-    def _forward(self, cache, input_ids, position_ids, mask):
-        # The engine returns the last position's log-probabilities (all a caller of _forward reads of the
-        # hidden states, through _logprobs) and the cache.
-        return self.engine._call(self.source, (cache, input_ids, position_ids, mask))
+    def packed_lm_head(self, rows):
+        return contextlib.nullcontext()  # the engine packs the head for all its rows
 
-    def _logprobs(self, logprobs):
-        return logprobs
+    def extend(self, *args):
+        return self.engine._call(self.source, ("extend", args))
 
-    def _start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
-        return _ObservedRows(self, cache, memory_valid, mask_positions, copies, capacity)
-
-    def _decode_blank(self, cache, memory_valid, mask_positions, config, rng):
-        answers = super()._decode_blank(cache, memory_valid, mask_positions, config, rng)
-        self.source.listener.blank_done(self._blank, answers[0])
-        self._blank += 1
-        return answers
+    def start_rows(self, cache, memory_valid, mask_positions, copies, capacity):
+        rows = _SourceRows(self.engine, self.source, mask_positions[0], copies)
+        self.engine._shared(copies).join(rows, cache, memory_valid, capacity)
+        return rows
 
 
-class _ObservedRows(_DecodingRows):
-    """The decoding rows of one source; tells the listener each step's tokens."""
+class _SourceRows:
+    """One source's rows in a shared batch, as generate's search sees DecodingRows: `step` hands the tokens to
+    the engine, which steps every source's rows together; `select` records a reorder for that step."""
+
+    def __init__(self, engine: "Engine", source: Source, mask_position: int, copies: int):
+        self.engine, self.source, self.copies = engine, source, copies
+        self.mask_position, self.generated = int(mask_position), 0
+        self.tokens: Optional[np.ndarray] = None  # this step's tokens, until the step runs
+        self.order: Optional[np.ndarray] = None  # a pending reorder of its rows
 
     def step(self, tokens):
-        self.generator.source.listener.tokens(tokens)
-        return super().step(tokens)
+        self.source.listener.tokens(tokens)
+        self.generated += 1
+        self.tokens = tokens
+        return self.engine._call(self.source, ("step", self))
+
+    def select(self, rows, keep_sources):
+        if keep_sources.all() and not np.array_equal(rows, np.arange(len(rows))):
+            self.order = rows if self.order is None else self.order[rows]
+        # a source's generate has one source: keep_sources False means it is done and steps no more
+
+    def positions(self):
+        return np.tile([[self.mask_position, self.generated + 1]], (self.copies, 1))
+
+
+class _SharedBatch:
+    """The engine's DecodingBatch for sources of one width (`copies` rows each), with its members in row order.
+    Every member steps at every step; one that did not ask to step leaves before the step runs."""
+
+    def __init__(self, copies: int):
+        self.copies = copies
+        self.batch: Optional[DecodingBatch] = None
+        self.members: List[_SourceRows] = []
+
+    def join(self, rows: _SourceRows, cache, memory_valid, capacity):
+        if self.batch is None:
+            self.batch = DecodingBatch(cache, memory_valid, self.copies, capacity)
+        else:
+            self.batch.join(cache, memory_valid, capacity)
+        self.members.append(rows)
+
+    def settle(self) -> List[_SourceRows]:
+        """Applies leaving members and pending reorders; returns the members stepping now, in row order."""
+        keep = np.array([member.tokens is not None for member in self.members], dtype=bool)
+        if not keep.any():
+            self.batch, self.members = None, []
+            return []
+        order = [index * self.copies + (member.order if member.order is not None else np.arange(self.copies))
+                 for index, member in zip(np.flatnonzero(keep), (m for m in self.members if m.tokens is not None))]
+        rows = np.concatenate(order)
+        if not keep.all():
+            self.batch.select(rows, keep)
+        elif not np.array_equal(rows, np.arange(len(rows))):
+            self.batch.select(rows)
+        self.members = [member for member in self.members if member.tokens is not None]
+        for member in self.members:
+            member.order = None
+        return self.members
 
 
 class Engine:
@@ -133,20 +181,23 @@ class Engine:
 
     max_rows: decoding rows (beams, or answer copies, summed over sources) in the batch; a request that would
     exceed them waits, unless nothing decodes (then it runs alone). max_queue: requests waiting; one more is
-    refused with QueueFull. `on_step(rows)` is called after each batched step (metrics)."""
+    refused with QueueFull. `on_step(rows)` is called after each batched step (metrics); `after_round()` after
+    each round of the loop (the listeners' events of that round are complete: the server delivers them)."""
 
     def __init__(self, generator: GLMGenerator, max_rows: int = 64, max_queue: int = 64,
                  on_step: Optional[Callable[[int], None]] = None):
-        self.generator = generator
+        self.generator, self.runner = generator, generator.runner
         self.max_rows, self.max_queue = max_rows, max_queue
         self.on_step = on_step
+        self.after_round: Optional[Callable[[], None]] = None
         self._lock = threading.Condition()
         self._queue = collections.deque()  # requests (lists of sources) not yet decoding
         self._live: List[Source] = []
         self._exclusive = collections.deque()  # (function, callback): other uses of the model, between steps
         self._stopping = False
         self._thread = None
-        self._packing = False  # whether the model's packed LM head is the engine's (set while sources decode)
+        self._pack = contextlib.ExitStack()  # holds the runner's packed LM head while sources decode
+        self._batches = {}  # rows per source -> _SharedBatch
 
     # -- what the server calls (any thread) ---------------------------------------------------------------
 
@@ -202,6 +253,9 @@ class Engine:
                 logger.error(f"engine step failed: {type(error).__name__}: {error}")
                 for source in self._live:
                     source.cancel(f"engine error: {error}")
+            finally:
+                if self.after_round is not None:
+                    self.after_round()
 
     @paddle.no_grad()
     def run_once(self, wait: float = 0.0) -> bool:
@@ -239,20 +293,21 @@ class Engine:
         if self._live:
             self._run_jobs(self._live)
         else:
+            self._batches.clear()  # members left with their sources
             self._drop_lm_head_pack()
         return not (self._stopping and not self._live)
 
     def _pack_lm_head(self):
-        """Packs the LM head for up to max_rows rows before sources start (their generate keeps the pack).
-        Dropped when nothing decodes: the pack is a copy of the weights, stale if they ever changed."""
-        model = self.generator.model
-        if not self._packing and model.packed_lm_head is None:
-            model.packed_lm_head = packed_transposed(model.glm.word_embeddings.weight, self.max_rows)
-            self._packing = model.packed_lm_head is not None
+        """Packs the LM head for up to max_rows rows before sources start (their generate uses the engine's
+        runner through theirs). Dropped when nothing decodes: the pack is a copy of the weights."""
+        if not self.runner.lm_head_packed:
+            self._pack.enter_context(self.runner.packed_lm_head(self.max_rows))
 
     def _drop_lm_head_pack(self):
-        if self._packing:
-            self.generator.model.packed_lm_head, self._packing = None, False
+        self._pack.close()
+
+    def _shared(self, copies: int) -> _SharedBatch:
+        return self._batches.setdefault(copies, _SharedBatch(copies))
 
     def _admit(self):
         now = time.monotonic()
@@ -283,7 +338,10 @@ class Engine:
         try:
             if source.cancel_reason is not None:
                 raise Cancelled(source.cancel_reason)
-            blanks = _SourceGenerator(self.generator, source, self).generate([source.ids], source.config)[0]
+            generator = GLMGenerator(self.generator.model, self.generator.ids, self.generator.banned_ids,
+                                     runner=_EngineRunner(self, source))
+            on_blank = lambda blank, answers: source.listener.blank_done(blank, answers[0])  # noqa: E731
+            blanks = generator.generate([source.ids], source.config, on_blank=on_blank)[0]
             source.listener.finished(blanks)
         except Cancelled as cancelled:
             source.listener.ended(cancelled.reason)
@@ -303,42 +361,37 @@ class Engine:
         return result
 
     def _run_jobs(self, sources: List[Source]):
-        steps = [s for s in sources if isinstance(s._job[0], list) and isinstance(s._job[0][0], DecodingCache)]
+        """Runs what the sources wait on: each `extend` alone, then every step as one forward."""
         for source in sources:
-            if source in steps:
-                continue
-            try:
-                source._result = self._model_call(*source._job)
-            except Exception as error:  # noqa: BLE001  (raised in that source's generate)
-                source._result = error
-        if not steps:
+            kind, job = source._job
+            if kind == "extend":
+                try:
+                    with paddle.no_grad():  # see _step
+                        source._result = self.runner.extend(*job)
+                except Exception as error:  # noqa: BLE001  (raised in that source's generate)
+                    source._result = error
+        stepping = [(shared.batch, shared.settle()) for shared in list(self._batches.values())]
+        stepping = [(batch, members) for batch, members in stepping if members]
+        if not stepping:
             return
+        members = [member for _, group in stepping for member in group]
         try:
-            results = self._step(steps)
+            results = self._step([batch for batch, _ in stepping], members)
         except Exception as error:  # noqa: BLE001
-            results = [error] * len(steps)
-        for source, result in zip(steps, results):
-            source._result = result
+            results = [error] * len(members)
+        for member, result in zip(members, results):
+            member.tokens = None
+            member.source._result = result
         if self.on_step is not None:
-            self.on_step(sum(len(s._job[1]) for s in steps))
+            self.on_step(sum(member.copies for member in members))
 
-    def _model_call(self, cache, input_ids, position_ids, mask):
+    def _step(self, batches: List[DecodingBatch], members: List[_SourceRows]) -> List[np.ndarray]:
+        """One decoding step of every member's rows as one forward; per member its log-probabilities."""
         # no_grad here, not only around the loop: the sources' generate calls enter and leave paddle.no_grad
         # interleaved on this one thread, so the mode they restore is not necessarily the loop's.
         with paddle.no_grad():
-            hidden, cache = GLMGenerator._forward(self.generator, cache, input_ids, position_ids, mask)
-            return GLMGenerator._logprobs(self.generator, hidden), cache
-
-    def _step(self, steps: List[Source]) -> List[tuple]:
-        """One decoding step of several sources as one forward; per source (log-probabilities, cache)."""
-        if len(steps) == 1:  # alone: exactly predict's call
-            return [self._model_call(*steps[0]._job)]
-        jobs = [source._job for source in steps]
-        layers = len(jobs[0][0])
-        cache = [DecodingCacheGroup([job[0][layer] for job in jobs]) for layer in range(layers)]
-        mask = DecodingMaskGroup([job[3] for job in jobs])
-        logprobs, _ = self._model_call(
-            cache, np.concatenate([job[1] for job in jobs]), np.concatenate([job[2] for job in jobs]), mask
-        )
-        bounds = np.cumsum([0] + [len(job[1]) for job in jobs])
-        return [(logprobs[start:end], job[0]) for job, start, end in zip(jobs, bounds[:-1], bounds[1:])]
+            tokens = np.concatenate([member.tokens for member in members]).astype("int64")
+            positions = np.concatenate([member.positions() for member in members])
+            logprobs = self.runner.step(batches, tokens, positions)
+        bounds = np.cumsum([0] + [member.copies for member in members])
+        return [logprobs[start:end] for start, end in zip(bounds[:-1], bounds[1:])]

@@ -19,7 +19,7 @@ from .engine import Engine, QueueFull
 from .metrics import ServerMetrics
 from ..generation import rows_per_source
 from .protocol import check_texts, decoding_config
-from .runs import Generation
+from .runs import Generation, Outbox
 
 __all__ = ["ServeOptions", "ServingState", "Overloaded", "serving", "cancel_on_disconnect"]
 
@@ -50,8 +50,13 @@ class ServingState:
         self.engine.on_step = self.metrics.step_rows.observe
         self.accepting = False
         self._choice_head = None
+        self.outbox: Optional[Outbox] = None  # made on the event loop, at start
+
 
     def start(self):
+        """On the event loop (the app's lifespan)."""
+        self.outbox = Outbox(asyncio.get_running_loop())
+        self.engine.after_round = self.outbox.flush
         self.engine.start()
         self.accepting = True
         self.metrics.ready.set(1)
@@ -91,7 +96,7 @@ class ServingState:
         self.check_rows(len(texts), config, body)
         sources = await run_in_threadpool(self.built_sources, texts, field)
         generation = Generation(self.engine, sources, config, lambda tokens: self.tokenizer.decode(tokens),
-                                self.builder.ids.pad, self.options.request_timeout)  # fmt: skip
+                                self.builder.ids.pad, self.options.request_timeout, self.outbox)  # fmt: skip
         try:
             generation.submit()
         except QueueFull as full:
