@@ -12,6 +12,7 @@ glm-large-chinese (hidden 1024, 16 heads, vocab 50048).
 """
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -59,6 +60,10 @@ class Server:
         else:
             raise RuntimeError("server.py did not start")
 
+    def cpu_seconds(self):
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
     def rss_mib(self):
         return psutil.Process(self.process.pid).memory_info().rss / 2**20
 
@@ -68,12 +73,24 @@ class Server:
 
 
 def request(url, prompt, tokens):
-    """One streamed greedy completion: (latency, time to first token, tokens)."""
+    """One streamed greedy completion from a client of its own (the soak's): (latency, time to first token, tokens)."""
     body = {"prompt": prompt, "max_tokens": tokens, "min_tgt_length": tokens, "temperature": 0, "stream": True}
     started, first = time.perf_counter(), None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
         response.raise_for_status()
         for line in response.iter_lines():
+            if line.startswith("data: {") and first is None:
+                first = time.perf_counter() - started
+    return time.perf_counter() - started, first, tokens
+
+
+async def streamed(client, url, prompt, tokens):
+    """request() over a shared asyncio client."""
+    body = {"prompt": prompt, "max_tokens": tokens, "min_tgt_length": tokens, "temperature": 0, "stream": True}
+    started, first = time.perf_counter(), None
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
             if line.startswith("data: {") and first is None:
                 first = time.perf_counter() - started
     return time.perf_counter() - started, first, tokens
@@ -85,24 +102,47 @@ def percentile(values, q):
 
 
 def load(url, clients, requests, tokens):
+    """`requests` completions from `clients` concurrent clients, each sending its next request when its last one
+    ended. The clients are asyncio tasks of one thread over one connection pool: their own CPU stays small
+    beside the server's on the same cores (a thread and an httpx client per request cost the client process
+    more CPU than the server at 16 clients, which made the client the bottleneck being measured)."""
+
+    async def run():
+        waiting, results = list(range(requests))[::-1], []
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as client:
+
+            async def one_client():
+                while waiting:
+                    index = waiting.pop()
+                    results.append(await streamed(client, url, PROMPTS[index % len(PROMPTS)], tokens))
+
+            await asyncio.gather(*[one_client() for _ in range(clients)])
+        return results
+
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: request(url, PROMPTS[i % len(PROMPTS)], tokens), range(requests)))
+    results = asyncio.run(run())
     wall = time.perf_counter() - started
     latencies, ttfts = [r[0] for r in results], [r[1] for r in results]
     return wall, sum(r[2] for r in results) / wall, latencies, ttfts
 
 
-def measure(name, url, tokens, requests_at):
+def measure(name, server, tokens, requests_at):
+    url = server.url
     print(f"\n{name}: greedy, {tokens} tokens per request")
     print(f"{'clients':>8} {'requests':>9} {'tokens/s':>9} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>9} {'p99 ttft':>9}")
     for clients in (1, 4, 16, 64):
         wall, rate, latencies, ttfts = load(url, clients, requests_at(clients), tokens)
         print(f"{clients:>8} {requests_at(clients):>9} {rate:>9.1f} {percentile(latencies, 50):>7.2f}s "
               f"{percentile(latencies, 99):>7.2f}s {percentile(ttfts, 50):>8.3f}s {percentile(ttfts, 99):>8.3f}s", flush=True)  # fmt: skip
-    one_by_one = load(url, 1, 16, tokens)[0]
-    together = load(url, 16, 16, tokens)[0]
-    print(f"16 requests one at a time {one_by_one:.2f}s, 16 concurrent {together:.2f}s: speedup {one_by_one / together:.1f}x", flush=True)
+    for _ in range(2):  # twice, interleaved: the machine's load drifts
+        cpu = server.cpu_seconds()
+        one_by_one = load(url, 1, 16, tokens)
+        cpu_one, cpu = server.cpu_seconds() - cpu, server.cpu_seconds()
+        together = load(url, 16, 16, tokens)
+        cpu_together = server.cpu_seconds() - cpu
+        print(f"16 requests one at a time {one_by_one[0]:.2f}s (server CPU {cpu_one:.2f}s, ttft p50 "
+              f"{percentile(one_by_one[3], 50):.3f}s), 16 concurrent {together[0]:.2f}s (server CPU {cpu_together:.2f}s, "
+              f"ttft p50 {percentile(together[3], 50):.3f}s): speedup {one_by_one[0] / together[0]:.1f}x", flush=True)
 
 
 def mixed(url, requests=200, clients=16):
@@ -156,7 +196,7 @@ def main():
             os.makedirs(os.path.join(work, "tiny"))
             server = Server(make_model(os.path.join(work, "tiny")))
             try:
-                measure("tiny default shape (2 layers, hidden 128, vocab 576)", server.url, 32, lambda c: max(16, 2 * c))
+                measure("tiny default shape (2 layers, hidden 128, vocab 576)", server, 32, lambda c: max(16, 2 * c))
                 mixed(server.url)
                 soak(server, args.soak_seconds)
             finally:
@@ -167,7 +207,7 @@ def main():
                                vocab_size=50048, max_sequence_length=1024)  # fmt: skip
             server = Server(model)
             try:
-                measure("glm-large-shaped slice (2 layers, hidden 1024, vocab 50048)", server.url, 16, lambda c: max(8, c))
+                measure("glm-large-shaped slice (2 layers, hidden 1024, vocab 50048)", server, 16, lambda c: max(8, c))
             finally:
                 server.stop()
     print(f"\nload average after {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

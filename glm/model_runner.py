@@ -80,6 +80,38 @@ class ModelRunner:
         logprobs = self.logprobs(hidden) if with_logprobs else None
         return cache, np.concatenate([memory_valid, new_valid], axis=1), logprobs
 
+    def extend_many(self, calls: List[tuple], pad: int) -> List[tuple]:
+        """Several `extend` calls (their argument tuples, all causal or all not, with the same layers) as ONE
+        forward: each call's memory and new tokens left-padded to the longest (padding is marked invalid, so
+        never attended; the last position stays each call's last token). Returns each call's result, its cache
+        holding the padding columns (invalid in its memory_valid)."""
+        memory = max(call[1].shape[1] for call in calls)
+        q = max(call[2].shape[1] for call in calls)
+        caches, memory_valid, input_ids, position_ids, new_valid = [], [], [], [], []
+        for cache, valid, ids, positions, new, _, _ in calls:
+            rows, gap, short = ids.shape[0], memory - valid.shape[1], q - ids.shape[1]
+            memory_valid.append(np.concatenate([np.zeros((rows, gap), dtype=bool), valid], axis=1))
+            input_ids.append(np.concatenate([np.full((rows, short), pad, dtype="int64"), ids], axis=1))
+            position_ids.append(np.concatenate([np.zeros((rows, 2, short), dtype="int64"), positions], axis=2))
+            new_valid.append(np.concatenate([np.zeros((rows, short), dtype=bool), new], axis=1))
+            if cache:
+                caches.append([tuple(paddle.concat([paddle.zeros([rows, t.shape[1], gap, t.shape[3]], dtype=t.dtype), t], axis=2)
+                                     if gap else t for t in layer) for layer in cache])  # fmt: skip
+        cache = None
+        if caches:
+            cache = [tuple(paddle.concat([call[layer][part] for call in caches]) for part in (0, 1))
+                     for layer in range(len(caches[0]))]  # fmt: skip
+        cache, valid, logprobs = self.extend(cache, np.concatenate(memory_valid), np.concatenate(input_ids),
+                                             np.concatenate(position_ids), np.concatenate(new_valid), calls[0][5],
+                                             calls[0][6])  # fmt: skip
+        results, start = [], 0
+        for call in calls:
+            end = start + call[2].shape[0]
+            results.append(([(k[start:end], v[start:end]) for k, v in cache], valid[start:end],
+                            None if logprobs is None else logprobs[start:end]))
+            start = end
+        return results
+
     def encode(self, sources: Sequence[Sequence[int]], pad: int):
         """One bidirectional pass over the sources, left-padded: (cache, memory_valid)."""
         length = max(len(source) for source in sources)

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.generation import GenerationConfig, GLMGenerator, top_k_indices
+from glm.generation import GenerationConfig, GLMGenerator, process_scores, top_k_indices
 from glm.model_runner import DecodingRows, ModelRunner
 from glm.tokenization import GLMSpecialIds
 
@@ -314,3 +314,46 @@ def test_decoding_leaves_no_python_objects_behind():
     objects_after(2)  # warm-up: caches, kernels
     before = objects_after(0)
     assert objects_after(5) - before < 20  # before: 405 more objects after these 5 calls
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_bans_exactly_the_tokens_a_slow_scan_finds(n):
+    rng = np.random.default_rng(n)
+    generated = rng.integers(0, 4, (6, 15))  # few distinct tokens: many repeats
+    config = GenerationConfig(no_repeat_ngram_size=n)
+    for step in range(generated.shape[1] + 1):
+        scores = process_scores(np.zeros((6, 8), dtype="float32"), generated[:, :step], step, config,
+                                np.array([7]), np.array([], dtype="int64"))
+        for row in range(6):
+            tokens = list(generated[row, :step])
+            banned = {tokens[s + n - 1] for s in range(step - n + 1) if step >= n and tokens[s : s + n - 1] == tokens[step - n + 1 :]}
+            assert set(np.flatnonzero(scores[row] == -np.inf)) == banned
+
+
+def test_extend_many_equals_each_extend_alone_and_its_padded_caches_decode_the_same():
+    """ModelRunner.extend_many (the engine's one forward for several sources' encodes, <|startofpiece|> or answers
+    put into memory): each call's log-probabilities as its own extend gives them, and the padded cache it returns
+    continues exactly as the unpadded one."""
+    runner = ModelRunner(model_with_seed(7, initializer_range=0.3))
+    sources = [source(5), source(6, 7, 8, 9), source(10, 11)]
+    encoded = [runner.encode([ids], IDS.pad) for ids in sources]
+    sop = lambda ids, answer: (np.array([[IDS.sop, *answer]]), np.array([[[len(ids) - 2] * (1 + len(answer)),
+                                                                          list(range(1, 2 + len(answer)))]]))  # noqa: E731
+    calls = []
+    for ids, (cache, valid), answer in zip(sources, encoded, ([], [20, 21, 22], [23])):
+        tokens, positions = sop(ids, answer)
+        calls.append((cache, valid, tokens, positions, np.ones(tokens.shape, dtype=bool), True, True))
+    together = runner.extend_many(calls, IDS.pad)
+    alone = [runner.extend(*call) for call in calls]
+    for (cache, valid, logprobs), (alone_cache, alone_valid, alone_logprobs), ids in zip(together, alone, sources):
+        np.testing.assert_allclose(logprobs, alone_logprobs, atol=1e-5)
+        assert valid.sum() == alone_valid.sum()  # the padding is marked invalid
+        step = (np.array([[30]]), np.array([[[len(ids) - 2], [5]]]), np.ones((1, 1), dtype=bool), True, True)
+        np.testing.assert_allclose(runner.extend(cache, valid, *step)[2], runner.extend(alone_cache, alone_valid, *step)[2], atol=1e-5)
+    encodes = runner.extend_many([(None, np.zeros((1, 0), dtype=bool), np.array([ids]),
+                                   np.array([[list(range(len(ids))), [0] * len(ids)]]), np.ones((1, len(ids)), dtype=bool),
+                                   False, True) for ids in sources], IDS.pad)  # fmt: skip
+    for (_, _, logprobs), ids in zip(encodes, sources):
+        alone_logprobs = runner.extend(None, np.zeros((1, 0), dtype=bool), np.array([ids]), np.array([[list(range(len(ids))), [0] * len(ids)]]),
+                                       np.ones((1, len(ids)), dtype=bool), False, True)[2]  # fmt: skip
+        np.testing.assert_allclose(logprobs, alone_logprobs, atol=1e-5)

@@ -7,8 +7,9 @@ engine's (`_EngineRunner`): its model calls do not run the model, they switch ba
 call. The engine resumes the sources one at a time (a switch costs about a microsecond), collects the model
 call each one is waiting on, and then runs them:
 
-  * encoding a source, `<|startofpiece|>` and the answers put into memory between blanks: one forward per
-    source, exactly as predict with --batch_size 1 runs it;
+  * encoding sources, `<|startofpiece|>` and the answers put into memory between blanks: the calls of a
+    round of the same kind as one forward (ModelRunner.extend_many, left-padded); a call alone exactly as
+    predict with --batch_size 1 runs it;
   * one decoding step of every source that is decoding, whatever its strategy, beam width, memory length
     or generated count: ONE forward. The rows of all sources with the same rows per source (beams or
     copies) live in one shared DecodingBatch (glm/decoding_cache.py): a source joins it when its blank
@@ -361,15 +362,24 @@ class Engine:
         return result
 
     def _run_jobs(self, sources: List[Source]):
-        """Runs what the sources wait on: each `extend` alone, then every step as one forward."""
+        """Runs what the sources wait on: their `extend` calls (those of a kind together), then every step as one
+        forward."""
+        extends = collections.defaultdict(list)  # calls that can share a forward: same kind of mask and memory
         for source in sources:
             kind, job = source._job
             if kind == "extend":
-                try:
-                    with paddle.no_grad():  # see _step
-                        source._result = self.runner.extend(*job)
-                except Exception as error:  # noqa: BLE001  (raised in that source's generate)
-                    source._result = error
+                extends[(job[0] is None, job[5], job[6])].append(source)
+        for group in extends.values():
+            try:
+                with paddle.no_grad():  # see _step
+                    if len(group) == 1:  # alone: exactly predict's call
+                        results = [self.runner.extend(*group[0]._job[1])]
+                    else:
+                        results = self.runner.extend_many([source._job[1] for source in group], self.generator.ids.pad)
+            except Exception as error:  # noqa: BLE001  (raised in those sources' generate)
+                results = [error] * len(group)
+            for source, result in zip(group, results):
+                source._result = result
         stepping = [(shared.batch, shared.settle()) for shared in list(self._batches.values())]
         stepping = [(batch, members) for batch, members in stepping if members]
         if not stepping:
