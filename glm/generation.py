@@ -12,8 +12,9 @@ blank, the packed LM head); the server's engine passes its own runner. The searc
 Batches are left-padded: padded keys are marked invalid in `memory_valid` and never attended.
 """
 
+import copy
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -113,12 +114,21 @@ def rows_per_source(config: GenerationConfig) -> int:
     return config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
 
 
+def id_runs(ids) -> List[Tuple[int, int]]:
+    """Ids as runs of consecutive ids, [(start, end)]: banning the embedding rows above a tokenizer's vocabulary
+    (49,000 ids for the tiny tokenizer on a 50048-row model) is then a slice, not a scatter of every id."""
+    ids = np.unique(np.asarray(ids, dtype="int64"))
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks) if run.size]
+
+
 def process_scores(scores, generated, step, config, stop_ids, banned_ids):
-    """THUDM's logit processors on log-probabilities [rows, vocab], in place, vectorised over rows: banned ids,
+    """THUDM's logit processors on log-probabilities [rows, vocab], in place, vectorised over rows: banned ids
+    (as `id_runs`),
     min length (the stop ids until `min_tgt_length` tokens exist), no-repeat-ngram. `generated` [rows, step]
     holds every row's tokens so far. Returns `scores`."""
-    if banned_ids.size:
-        scores[:, banned_ids] = -np.inf
+    for start, end in banned_ids:
+        scores[:, start:end] = -np.inf
     if step < config.min_tgt_length:
         scores[:, stop_ids] = -np.inf
     n = config.no_repeat_ngram_size
@@ -200,8 +210,15 @@ class GLMGenerator:
         self.model = self.runner.model
         self.ids = special_ids
         self.stop_ids = np.array([special_ids.eop, special_ids.eos])
-        self.banned_ids = np.array(sorted(set(banned_ids)), dtype="int64")
+        self.banned_ids = id_runs(banned_ids)
         self.max_positions = self.model.config.max_sequence_length
+
+    def with_runner(self, runner: ModelRunner) -> "GLMGenerator":
+        """This generator (same special and banned ids) decoding through `runner` (the server's engine gives
+        each source one of its own)."""
+        other = copy.copy(self)
+        other.runner, other.model = runner, runner.model
+        return other
 
     @paddle.no_grad()
     def generate(self, sources: Sequence[Sequence[int]], config: GenerationConfig, on_blank=None) -> List[List[List[List[int]]]]:

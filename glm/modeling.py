@@ -12,7 +12,7 @@ unchanged. Differences from PaddleNLP, all deliberate:
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import paddle
 import paddle.nn as nn

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.generation import GenerationConfig, GLMGenerator, process_scores, top_k_indices
+from glm.generation import GenerationConfig, GLMGenerator, id_runs, process_scores, top_k_indices
 from glm.model_runner import DecodingRows, ModelRunner
 from glm.tokenization import GLMSpecialIds
 
@@ -323,7 +323,7 @@ def test_no_repeat_ngram_bans_exactly_the_tokens_a_slow_scan_finds(n):
     config = GenerationConfig(no_repeat_ngram_size=n)
     for step in range(generated.shape[1] + 1):
         scores = process_scores(np.zeros((6, 8), dtype="float32"), generated[:, :step], step, config,
-                                np.array([7]), np.array([], dtype="int64"))
+                                np.array([7]), [])
         for row in range(6):
             tokens = list(generated[row, :step])
             banned = {tokens[s + n - 1] for s in range(step - n + 1) if step >= n and tokens[s : s + n - 1] == tokens[step - n + 1 :]}
@@ -357,3 +357,8 @@ def test_extend_many_equals_each_extend_alone_and_its_padded_caches_decode_the_s
         alone_logprobs = runner.extend(None, np.zeros((1, 0), dtype=bool), np.array([ids]), np.array([[list(range(len(ids))), [0] * len(ids)]]),
                                        np.ones((1, len(ids)), dtype=bool), False, True)[2]  # fmt: skip
         np.testing.assert_allclose(logprobs, alone_logprobs, atol=1e-5)
+
+
+def test_id_runs():
+    assert id_runs([9, 3, 4, 5, 11, 10, 4]) == [(3, 6), (9, 12)]
+    assert id_runs([]) == []

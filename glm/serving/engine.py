@@ -339,8 +339,7 @@ class Engine:
         try:
             if source.cancel_reason is not None:
                 raise Cancelled(source.cancel_reason)
-            generator = GLMGenerator(self.generator.model, self.generator.ids, self.generator.banned_ids,
-                                     runner=_EngineRunner(self, source))
+            generator = self.generator.with_runner(_EngineRunner(self, source))
             on_blank = lambda blank, answers: source.listener.blank_done(blank, answers[0])  # noqa: E731
             blanks = generator.generate([source.ids], source.config, on_blank=on_blank)[0]
             source.listener.finished(blanks)
