@@ -288,11 +288,16 @@ class Engine:
         for source in list(self._live):
             if now > source.deadline:
                 source.cancel("timeout")
-            self._resume(source)
-            if source._done:
-                self._live.remove(source)
+        waiting = self._resume_all(self._live)
+        # A new prompt's encode, its <|startofpiece|> and its first step all run in the round that admits it (so
+        # do an answer put into memory and the next blank's start): resumed after each extend, up to 3 passes.
+        for _ in range(3):
+            extended = self._run_extends(waiting)
+            if not extended:
+                break
+            waiting = self._resume_all(extended)
         if self._live:
-            self._run_jobs(self._live)
+            self._run_step()
         else:
             self._batches.clear()  # members left with their sources
             self._drop_lm_head_pack()
@@ -360,9 +365,16 @@ class Engine:
             raise result
         return result
 
-    def _run_jobs(self, sources: List[Source]):
-        """Runs what the sources wait on: their `extend` calls (those of a kind together), then every step as one
-        forward."""
+    def _resume_all(self, sources: List[Source]) -> List[Source]:
+        """Resumes each source until its next model call; returns those still going (finished ones leave)."""
+        for source in list(sources):
+            self._resume(source)
+            if source._done:
+                self._live.remove(source)
+        return [source for source in sources if not source._done]
+
+    def _run_extends(self, sources: List[Source]) -> List[Source]:
+        """Runs the sources' `extend` calls, those of a kind as one forward; returns the sources that ran one."""
         extends = collections.defaultdict(list)  # calls that can share a forward: same kind of mask and memory
         for source in sources:
             kind, job = source._job
@@ -379,6 +391,10 @@ class Engine:
                 results = [error] * len(group)
             for source, result in zip(group, results):
                 source._result = result
+        return [source for group in extends.values() for source in group]
+
+    def _run_step(self):
+        """One step of every source whose rows wait to step, as one forward; the others leave their batches."""
         stepping = [(shared.batch, shared.settle()) for shared in list(self._batches.values())]
         stepping = [(batch, members) for batch, members in stepping if members]
         if not stepping:
