@@ -8,6 +8,7 @@ on top. Requests are batched as they arrive (glm/serving/engine.py). SIGTERM or 
 are refused, requests in flight finish within --drain_seconds, exit 0.
 """
 
+import asyncio
 import ipaddress
 import os
 import signal
@@ -97,8 +98,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
-        self.config.app.state.serving.stop_accepting()  # /ready says 503 at once; keep-alive requests get 503
+        state = self.config.app.state.serving
+        state.stop_accepting()  # /ready says 503 at once; keep-alive requests get 503
         super().handle_exit(sig, frame)
+        # What still decodes when the drain time is nearly out is ended by the engine ("shutdown": a 503, or an
+        # error event and [DONE] in a stream) before uvicorn cancels the request tasks, which would answer a
+        # plain-text 500 and cut streams mid-chunk.
+        drain = self.config.timeout_graceful_shutdown
+        if drain is not None and not self.force_exit:
+            asyncio.get_running_loop().call_later(max(0.0, drain - 0.5), lambda: state.engine.stop(wait=False))
 
 
 def main(argv=None):

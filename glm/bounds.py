@@ -13,7 +13,7 @@ from .errors import UserError
 
 __all__ = [
     "Bound", "SRC_LENGTH", "TGT_LENGTH", "SEQ_LENGTH", "MIN_TGT_LENGTH", "COUNT", "NON_NEGATIVE", "RATIO",
-    "POSITIVE", "FINITE", "SEED", "check_flag", "check_lengths", "length_bound",
+    "POSITIVE", "LENGTH_PENALTY", "SEED", "check_flag", "check_lengths", "length_bound",
 ]  # fmt: skip
 
 
@@ -55,7 +55,9 @@ COUNT = Bound(1)  # beams, answers, batch sizes, rows, steps
 NON_NEGATIVE = Bound(0)
 RATIO = Bound(0, 1)
 POSITIVE = Bound(0, low_open=True)
-FINITE = Bound(-math.inf)  # any finite number
+# Beam scores divide by length ** penalty: beyond +-10, 1024 ** 1000 overflows and 1024 ** -1000 is 0 (THUDM's
+# runs use 0 to 2).
+LENGTH_PENALTY = Bound(-10, 10)
 SEED = Bound(0, 2**63 - 1)  # NumPy's generators take non-negative seeds
 
 

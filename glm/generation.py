@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
-from .bounds import COUNT, FINITE, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, SEED, TGT_LENGTH
+from .bounds import COUNT, LENGTH_PENALTY, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, SEED, TGT_LENGTH
 from .decoding_cache import as_tensor
 from .errors import InvalidSettings
 from .model_runner import ModelRunner
@@ -57,7 +57,7 @@ class GenerationConfig:
                                                     f"{self.length_penalty_form}"))
         ranges = [("tgt_length", TGT_LENGTH, {}), ("num_beams", COUNT, {}), ("num_return_sequences", COUNT, {}),
                   ("no_repeat_ngram_size", NON_NEGATIVE, {}), ("top_k", NON_NEGATIVE, {}), ("top_p", RATIO, {}),
-                  ("temperature", POSITIVE, {}), ("length_penalty", FINITE, {})]
+                  ("temperature", POSITIVE, {}), ("length_penalty", LENGTH_PENALTY, {})]
         if self.seed is not None:
             ranges.append(("seed", SEED, {}))
         if TGT_LENGTH.problem(self.tgt_length) is None:

@@ -63,13 +63,15 @@ class Predictor:
         answers = generate_answers(self.generator, self.builder, texts, self.config, self.batch_size, progress, sources)
         return [self.output_fields(text, blanks) for text, blanks in zip(texts, answers)]
 
-    def output_fields(self, text, blanks):
+    def output_fields(self, text, blanks, answers_per_blank: Optional[int] = None):
+        """predict's output row for `text`: `prediction`, `filled` with several blanks, `predictions` with several
+        answers per blank (`answers_per_blank`: the request's, default the predictor's num_return_sequences)."""
         best = [candidates[0] for candidates in blanks]
         fields = {"prediction": best[0] if len(best) == 1 else best}
         if len(best) > 1:  # fill the blanks of the text, left to right
             answers = iter(best)
             fields["filled"] = BLANK.sub(lambda match: next(answers, match.group(0)), text)
-        if self.config.num_return_sequences > 1:
+        if (answers_per_blank or self.config.num_return_sequences) > 1:
             fields["predictions"] = blanks[0] if len(blanks) == 1 else blanks
         return fields
 

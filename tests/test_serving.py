@@ -318,6 +318,12 @@ def test_fill_and_score(served, micro_weights_model, tmp_path):  # noqa: F811
     pieces = [json.loads(e) for e in events[:-2]]
     assert json.loads(events[-2])["filled"] == filled["filled"] and events[-1] == "[DONE]"
     assert ["".join(p["text"] for p in pieces if p["blank"] == b) for b in (0, 1)] == filled["answers"]
+    # the request's n, as completions take it (not the server's num_return_sequences)
+    sampled = {"text": "这款[MASK]的裙子", "n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 4}
+    several = served.post("/fill", sampled).json()
+    completion = served.post("/v1/completions", dict(sampled, prompt=sampled.pop("text"))).json()
+    assert several["predictions"] == [choice["text"] for choice in completion["choices"]]
+    assert several["prediction"] == several["predictions"][0] and "predictions" not in filled
 
     import evaluate
 
@@ -343,7 +349,7 @@ def test_fill_and_score(served, micro_weights_model, tmp_path):  # noqa: F811
         ({"prompt": "x", "n": 3}, 400, "n: cannot exceed num_beams (2) in beam search; got 3"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature: must be positive"),
         ({"prompt": "x", "frequency_penalty": 1}, 400, "frequency_penalty: Extra inputs are not permitted"),
-        ({"prompt": "长" * 60}, 400, "tokens after tokenization, over the server's src_length 40"),
+        ({"prompt": "长" * 60}, 400, "64 tokens after tokenization with [CLS], the blank and <|endoftext|>, over the server's src_length 40"),
         ({"prompt": []}, 400, "prompt: give 1 to 32 prompts"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4"),
     ],

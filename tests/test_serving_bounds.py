@@ -84,12 +84,16 @@ def test_a_request_wider_than_its_rows_is_refused_naming_the_field(guarded, body
         ("/v1/completions", {"prompt": "x", "top_k": 10**9}, "top_k"),
         ("/v1/completions", '{"prompt": "x", "length_penalty": -1e309}', "length_penalty"),
         ("/v1/completions", '{"prompt": "x", "length_penalty": NaN}', "length_penalty"),
+        ("/v1/completions", {"prompt": "x", "length_penalty": 1000, "max_tokens": 4}, "length_penalty"),  # overflowed
+        ("/v1/completions", {"prompt": "x", "length_penalty": -1000, "max_tokens": 4}, "length_penalty"),  # divided by 0
+        ("/fill", {"text": "这款[MASK]", "length_penalty": 800}, "length_penalty"),
         ("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
         ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop"),
         ("/fill", {"text": "这款[MASK]\ud800"}, "text"),
         ("/score", {"context": "这款[MASK]", "choices": ["裙", "\ud800"]}, "choices"),
         ("/v1/completions", {"prompt": "x", "stop": ["s" * (MAX_STOP_CHARACTERS // 2 + 1)] * 2}, "stop"),
         ("/score", {"context": "这款[MASK]", "choices": ["裙"] * 65}, "choices"),
+        ("/score", {"context": "这款[MASK]的[MASK]", "choices": ["裙", "裤"]}, "context"),  # which blank? evaluate refuses it
     ],
 )
 def test_a_bad_value_is_a_400_naming_its_field_never_a_500(guarded, path, body, field):

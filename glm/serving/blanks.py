@@ -57,7 +57,7 @@ async def fill_events(state: ServingState, generation: Generation, text: str):
             blanks.append([answer + rest for answer, rest in zip(current, event[3])])
             current, tokens = [""] * copies, tokens + sum(event[4])
     state.record_generation(generation, tokens)
-    fields = state.predictor.output_fields(text, blanks)
+    fields = state.predictor.output_fields(text, blanks, generation.config.num_return_sequences)
     best = [answers[0] for answers in blanks]
     answers = iter(best)
     filled = BLANK.sub(lambda match: next(answers, match.group(0)), text) if BLANK.search(text) else text + best[0]
@@ -90,6 +90,9 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
     check_texts("choices", body.choices)
     if len(body.choices) > MAX_CHOICES:
         raise RequestError("choices", f"at most {MAX_CHOICES}; got {len(body.choices)}")
+    blanks = BLANK.findall(body.context)
+    if len(blanks) > 1:  # as evaluate.py --task multiple_choice refuses it; none: [MASK] is appended, as there
+        raise RequestError("context", f"holds {len(blanks)} blanks ({', '.join(blanks)}); a choice fills one")
     max_positions = state.generator.max_positions
     choice_builder = MultipleChoiceBuilder(state.tokenizer, max_positions)
     try:

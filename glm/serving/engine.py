@@ -235,12 +235,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="glm-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0):
-        """Cancels what still decodes or waits ("shutdown") and ends the loop."""
+    def stop(self, timeout: float = 10.0, wait: bool = True):
+        """Cancels what still decodes or waits ("shutdown": each source's listener is told) and ends the loop;
+        `wait`: until the loop's thread has ended (at most `timeout` seconds)."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if self._thread is not None:
+        if wait and self._thread is not None:
             self._thread.join(timeout)
 
     # -- the loop -----------------------------------------------------------------------------------------

@@ -80,9 +80,10 @@ class ServingState:
         for text in texts:
             ids, truncated = self.builder.source_ids(text)
             if truncated:
-                tokens = len(self.builder.tokenize(text))
-                raise RequestError(field, f"{tokens} tokens after tokenization, over the server's src_length "
-                                          f"{self.builder.src_length} (with [CLS], the blank and <|endoftext|>)")  # fmt: skip
+                tokens = self.builder.tokenize(text)
+                blank = 0 if any(token in self.builder.ids.mask_ids for token in tokens) else 1  # appended if none
+                raise RequestError(field, f"{len(tokens) + 2 + blank} tokens after tokenization with [CLS], the blank "
+                                          f"and <|endoftext|>, over the server's src_length {self.builder.src_length}")  # fmt: skip
             sources.append(ids)
         return sources
 
