@@ -247,6 +247,22 @@ def test_a_long_running_batch_widens_its_memory_and_drops_steps_no_source_sees(m
         np.testing.assert_allclose(np.concatenate(served), np.concatenate(logprobs), atol=1e-4)
 
 
+def test_a_prompt_that_needs_many_model_calls_before_a_step_is_decoded_right():
+    """Three blanks of one token each: encode, <|startofpiece|>, the answer put into memory, ... six calls
+    without a decoding step, more than a round runs in its passes; the answer is still generate's."""
+    generator = GLMGenerator(model_with_seed(7, initializer_range=0.3), IDS)
+    ids = [IDS.cls, 5, IDS.mask, 6, IDS.smask, 7, IDS.mask, IDS.eos]
+    config = GenerationConfig(decode_strategy="greedy_search", tgt_length=1)
+    alone = generator.generate([ids], config)[0]
+    engine, listener = Engine(generator), Recorder()
+    engine.submit([Source(ids, config, listener)])
+    for _ in range(20):
+        engine.run_once()
+        if listener.result is not None:
+            break
+    assert listener.result == alone and len(alone) == 3
+
+
 def test_engine_queue_bound_and_time_limit(micro_weights_model):  # noqa: F811
     predictor = load_predictor(micro_weights_model)
     engine = Engine(predictor.generator, max_rows=2, max_queue=1)

@@ -85,6 +85,7 @@ class Source:
     _greenlet: Optional[greenlet] = field(default=None, repr=False)
     _job: Optional[tuple] = field(default=None, repr=False)
     _result: object = field(default=None, repr=False)
+    _ready: bool = field(default=False, repr=False)  # the model call it waits on has run: its result is set
     _done: bool = field(default=False, repr=False)
 
     @property
@@ -289,14 +290,16 @@ class Engine:
         for source in list(self._live):
             if now > source.deadline:
                 source.cancel("timeout")
-        waiting = self._resume_all(self._live)
+        # Resumed: new sources, and those whose model call ran (or that are cancelled); one whose extend is
+        # still to run (more calls than a round's passes) waits for the passes below.
+        self._resume_all([s for s in self._live if s._greenlet is None or s._ready or s.cancel_reason is not None])
         # A new prompt's encode, its <|startofpiece|> and its first step all run in the round that admits it (so
         # do an answer put into memory and the next blank's start): resumed after each extend, up to 3 passes.
         for _ in range(3):
-            extended = self._run_extends(waiting)
+            extended = self._run_extends(self._live)
             if not extended:
                 break
-            waiting = self._resume_all(extended)
+            self._resume_all(extended)
         if self._live:
             self._run_step()
         else:
@@ -359,27 +362,26 @@ class Engine:
 
     def _call(self, source: Source, job: tuple):
         """In the source's greenlet: hand `job` to the engine, wait for its result."""
-        source._job = job
+        source._job, source._ready = job, False
         source._greenlet.parent.switch()
         result, source._result, source._job = source._result, None, None
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def _resume_all(self, sources: List[Source]) -> List[Source]:
-        """Resumes each source until its next model call; returns those still going (finished ones leave)."""
+    def _resume_all(self, sources: List[Source]):
+        """Resumes each source until its next model call; finished ones leave."""
         for source in list(sources):
             self._resume(source)
             if source._done:
                 self._live.remove(source)
-        return [source for source in sources if not source._done]
 
     def _run_extends(self, sources: List[Source]) -> List[Source]:
         """Runs the sources' `extend` calls, those of a kind as one forward; returns the sources that ran one."""
         extends = collections.defaultdict(list)  # calls that can share a forward: same kind of mask and memory
         for source in sources:
-            kind, job = source._job
-            if kind == "extend":
+            kind, job = source._job or (None, None)
+            if kind == "extend" and not source._ready:
                 extends[(job[0] is None, job[5], job[6])].append(source)
         for group in extends.values():
             try:
@@ -391,7 +393,7 @@ class Engine:
             except Exception as error:  # noqa: BLE001  (raised in those sources' generate)
                 results = [error] * len(group)
             for source, result in zip(group, results):
-                source._result = result
+                source._result, source._ready = result, True
         return [source for group in extends.values() for source in group]
 
     def _run_step(self):
@@ -407,7 +409,7 @@ class Engine:
             results = [error] * len(members)
         for member, result in zip(members, results):
             member.tokens = None
-            member.source._result = result
+            member.source._result, member.source._ready = result, True
         if self.on_step is not None:
             self.on_step(sum(member.copies for member in members))
 
