@@ -232,8 +232,8 @@ class GLMStack(nn.Layer):
             layer_cache = cache[index] if cache is not None else None
             if self.enable_recompute and self.training and not use_cache:
                 # Non-reentrant recompute needs no input gradient, so layer 0 is recomputed too when the
-                # embeddings are frozen (LoRA), and the mask goes in with the hidden states.
-                hidden_states, _ = recompute(layer, hidden_states, bias, use_reentrant=False)
+                # embeddings are frozen (LoRA); the mask and the layer's memory go in with the hidden states.
+                hidden_states, _ = recompute(layer, hidden_states, bias, layer_cache, use_reentrant=False)
             else:
                 hidden_states, layer_cache = layer(hidden_states, bias, layer_cache, use_cache)
             if use_cache:

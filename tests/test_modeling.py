@@ -304,3 +304,35 @@ def test_a_full_decoding_cache_raises_instead_of_dropping_keys():
         cache.write(step, step)
     with pytest.raises(ValueError, match="DecodingMask is full"):
         mask.advance(5)
+
+
+def test_recompute_keeps_the_memory_a_training_forward_is_given():
+    """A training forward over memory (per-layer keys and values, e.g. a trainable prefix): recompute gives the
+    loss and gradients, the memory's too, of the plain forward (it used to drop the memory silently)."""
+    model, _ = twin_models()
+    x = glm_inputs(model.config.vocab_size)
+    batch, heads = x["input_ids"].shape[0], model.config.num_attention_heads
+    head_dim, prefix = model.config.hidden_size // heads, 3
+    paddle.seed(5)
+    memory = [tuple(paddle.create_parameter([batch, heads, prefix, head_dim], "float32") for _ in range(2))
+              for _ in range(model.config.num_layers)]  # fmt: skip
+
+    def loss_and_grads():
+        model.train()
+        loss = model(x["input_ids"], x["position_ids"], x["sep"] + prefix, labels=x["labels"], loss_mask=x["loss_mask"],
+                     cache=memory)[0]  # fmt: skip
+        loss.backward()
+        grads = [t.grad.numpy().copy() for layer in memory for t in layer]
+        grads += [p.grad.numpy().copy() for p in model.parameters() if p.grad is not None]
+        model.clear_gradients()
+        for layer in memory:
+            for t in layer:
+                t.clear_gradient()
+        return float(loss), grads
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.glm.transformer.enable_recompute = True
+    recomputed_loss, recomputed_grads = loss_and_grads()
+    assert recomputed_loss == pytest.approx(plain_loss, rel=1e-6)
+    for recomputed, plain in zip(recomputed_grads, plain_grads):
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-5, atol=1e-7)
