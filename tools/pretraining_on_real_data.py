@@ -18,8 +18,8 @@ one of two corpora (--corpus):
      rows (never seen in pretraining): zero-shot (--do_train false), then each --finetune_learning_rates
      (--random_init_learning_rates for the random init, if given) on the first of --finetune_seeds, then the other seeds at each model's best rate (the random init
      and the final model first, then the other curve steps). To save time the
-     finetuning evaluates and saves only at its end (--evaluation_strategy no --save_strategy no; the
-     final model is still saved), unless --eval_every_epoch true.
+     finetuning evaluates and saves only at its end (--eval_steps 1000000 --save_strategy no; the final
+     model is still saved), unless --eval_every_epoch true.
 
     python tools/pretraining_on_real_data.py --output_dir /tmp/pretraining --corpus reviews \
         --max_steps 1500 --learning_rate 0.002 --curve_steps 300,800,1500 \
@@ -201,7 +201,8 @@ def cloze(args, model_dir, data, output, learning_rate=None, seed=None):
     if not os.path.exists(os.path.join(output, "eval_results.json")):
         flags = ["--do_train", "false"] if learning_rate is None else ["--learning_rate", str(learning_rate), "--seed", str(seed)]
         if learning_rate is not None and not args.eval_every_epoch:
-            flags += ["--evaluation_strategy", "no", "--save_strategy", "no"]
+            # Not --evaluation_strategy no: with do_eval PaddleNLP turns that into steps (every logging_steps).
+            flags += ["--evaluation_strategy", "steps", "--eval_steps", "1000000", "--save_strategy", "no"]
         python("finetune_cloze.py", os.path.join("configs", "real-sentiment-cloze-500.json"), "--model_name_or_path",
                model_dir, "--dataset_name_or_path", data, "--output_dir", output, "--overwrite_output_dir",
                "--disable_tqdm", "true", *flags)  # fmt: skip
