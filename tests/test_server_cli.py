@@ -2,6 +2,7 @@
 mistakes in one line."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -17,17 +18,25 @@ from test_finetune import micro_model, micro_weights_model  # noqa: F401  (fixtu
 import server
 
 
-def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits_0(micro_weights_model):  # noqa: F811
+@contextlib.contextmanager
+def running_server(model, *flags):
+    """server.py on 127.0.0.1 and a free port, with `flags`: (process, url); killed on the way out if still up."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "server.py"), "--model_name_or_path", micro_weights_model, "--port", "0",
-         "--src_length", "40", "--tgt_length", "120", "--drain_seconds", "60"],
+        [sys.executable, os.path.join(ROOT, "server.py"), "--model_name_or_path", model, "--port", "0",
+         "--src_length", "40", "--tgt_length", "120", *flags],
         stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
-        for line in process.stderr:
-            if line.startswith("serving "):
-                url = line.split(" on ")[1].split()[0]
-                break
+        url = next(line.split(" on ")[1].split()[0] for line in process.stderr if line.startswith("serving "))
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits_0(micro_weights_model):  # noqa: F811
+    with running_server(micro_weights_model, "--drain_seconds", "60") as (process, url):
         assert url.startswith("http://127.0.0.1:")
         body = {"prompt": "类型#裙", "max_tokens": 120, "min_tgt_length": 120, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
@@ -40,27 +49,14 @@ def test_sigterm_finishes_the_stream_in_flight_refuses_new_connections_and_exits
         assert process.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=5)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_what_outlasts_the_drain_time_is_answered_shutting_down_not_cut_off(micro_weights_model):  # noqa: F811
     """SIGTERM with --drain_seconds shorter than the requests in flight: the engine ends them before uvicorn
     cancels their tasks, so a stream ends with an error event and [DONE] and a plain request gets the 503
     JSON (uvicorn's cancellation answered a plain-text 500 and cut streams mid-chunk)."""
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "server.py"), "--model_name_or_path", micro_weights_model, "--port", "0",
-         "--src_length", "40", "--tgt_length", "120", "--drain_seconds", "1", "--max_request_rows", "64"],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        for line in process.stderr:
-            if line.startswith("serving "):
-                url = line.split(" on ")[1].split()[0]
-                break
-        # 32 prompts x 2 beams, 120 tokens: several seconds on the micro model, far beyond the drain time
+    with running_server(micro_weights_model, "--drain_seconds", "1", "--max_batch_rows", "128", "--max_request_rows", "64") as (process, url):
+        # 32 prompts x 2 beams, 120 tokens, decoding beside the stream (room for both): seconds on the micro model
         body = {"prompt": ["类型#裙"] * 32, "max_tokens": 120, "min_tgt_length": 120, "num_beams": 2}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             plain = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
@@ -74,10 +70,6 @@ def test_what_outlasts_the_drain_time_is_answered_shutting_down_not_cut_off(micr
         assert rest[-1] == "data: [DONE]" and "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
         assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
         assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.parametrize(
