@@ -227,6 +227,8 @@ class DecodingBatch:
             for cache in self.caches:
                 cache.keep_sources(index)
             self.joined = self.joined[keep]
+        elif np.array_equal(rows, np.arange(len(rows))):
+            return  # nothing moved
         self.mask.select(as_tensor(rows.astype("int64")))
 
 

@@ -165,6 +165,4 @@ class DecodingRows:
         if not keep_sources.all():
             rows = rows.reshape(-1, self.copies)[keep_sources].reshape(-1)
             self.mask_positions = self.mask_positions.reshape(-1, self.copies)[keep_sources].reshape(-1)
-        elif np.array_equal(rows, np.arange(len(rows))):
-            return  # nothing moved
         self.batch.select(rows, keep_sources)

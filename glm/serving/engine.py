@@ -165,13 +165,9 @@ class _SharedBatch:
         if not keep.any():
             self.batch, self.members = None, []
             return []
-        order = [index * self.copies + (member.order if member.order is not None else np.arange(self.copies))
-                 for index, member in zip(np.flatnonzero(keep), (m for m in self.members if m.tokens is not None))]
-        rows = np.concatenate(order)
-        if not keep.all():
-            self.batch.select(rows, keep)
-        elif not np.array_equal(rows, np.arange(len(rows))):
-            self.batch.select(rows)
+        rows = np.concatenate([index * self.copies + (member.order if member.order is not None else np.arange(self.copies))
+                               for index, member in enumerate(self.members) if member.tokens is not None])
+        self.batch.select(rows, keep)
         self.members = [member for member in self.members if member.tokens is not None]
         for member in self.members:
             member.order = None
