@@ -59,7 +59,8 @@ class EvaluateArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "GLM checkpoint directory (required)."})
     data_file: Optional[str] = field(default=None, metadata={"help": "The data to evaluate on (required)."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
-    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "P-tuning v2 prefix directory (--prefix_tuning's output) to apply."})
+    force: bool = field(default=False, metadata={"help": "Apply an adapter or prefix recorded for another same-shaped base."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the results here as JSON."})
     predictions_file: Optional[str] = field(
         default=None, metadata={"help": "Per-row predictions of multiple_choice and lambada, JSON Lines (default: the --output_file's name with .predictions.jsonl for its extension: results.json -> results.predictions.jsonl)."}
@@ -97,7 +98,7 @@ def load(args):
     """The model as the task scores with it, the adapter verified against its base (the one loader)."""
     model_class = GLMForMultipleChoice if args.task == "multiple_choice" else GLMForConditionalGeneration
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, model_class=model_class,
-                                                lora_path=args.lora_path, force=args.force)
+                                                lora_path=args.lora_path, prefix_path=args.prefix_path, force=args.force)
     model.eval()
     return model, tokenizer
 

@@ -71,7 +71,7 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
     """What a partial output depends on: the input file's bytes, the model, the adapter, the settings."""
     data_sha256 = file_sha256(args.data_file)
     model = args.model_path(DEFAULT_MODEL)
-    free = ("output_file", "overwrite_output", "batch_size", "force", "ignore_memory_check")
+    free = ("output_file", "overwrite_output", "batch_size", "force", "ignore_memory_check", "prefix_path")
     settings = {k: v for k, v in asdict(args).items() if k not in free}
     fingerprint = {
         "data_file_sha256": data_sha256,
@@ -79,6 +79,8 @@ def output_fingerprint(args: PredictArguments, generation_args: GenerationArgume
         "lora": [args.lora_path and os.path.abspath(args.lora_path), files_signature(args.lora_path)],
         "settings": dict(settings, **asdict(generation_args)),
     }
+    if args.prefix_path:
+        fingerprint["prefix"] = [os.path.abspath(args.prefix_path), files_signature(args.prefix_path)]
     return json.loads(json.dumps(fingerprint))  # as read back from the sidecar (tuples become lists)
 
 

@@ -30,7 +30,7 @@ def weights_sha256(path: str) -> str:
     """SHA-256 of a checkpoint directory's model weight files (not adapters, optimizer or scheduler
     state), cached beside them (glm.files.files_sha256)."""
     names = [name for name in os.listdir(path)
-             if name.endswith((".pdparams", ".safetensors")) and not name.startswith(("lora_", "scheduler", "optimizer", "."))]  # fmt: skip
+             if name.endswith((".pdparams", ".safetensors")) and not name.startswith(("lora_", "prefix_", "scheduler", "optimizer", "."))]  # fmt: skip
     return files_sha256(path, names)
 
 

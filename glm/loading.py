@@ -6,15 +6,17 @@ everywhere (unless `force`, for a same-shaped base)."""
 from typing import Callable, Dict, Optional
 
 from .bounds import check_lengths
+from .errors import UserError
 from .checkpoint import check_fits, load_checkpoint_tokenizer, load_model
 from .lora import load_lora
 from .modeling import GLMForConditionalGeneration
+from .prefix import load_prefix
 
 __all__ = ["load_model_and_tokenizer"]
 
 
 def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditionalGeneration, *,
-                             lora_path: Optional[str] = None, force: bool = False,
+                             lora_path: Optional[str] = None, prefix_path: Optional[str] = None, force: bool = False,
                              lengths: Optional[Dict[str, int]] = None, suggest: Optional[Callable[[int], str]] = None,
                              with_tokenizer: bool = True, **config_overrides):
     """(model, tokenizer) of checkpoint directory or PaddleNLP name `path`, as `model_class` (any GLM head:
@@ -22,7 +24,8 @@ def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditiona
 
     `lengths` ({flag: value}) must fit the model's max_sequence_length; `suggest(max_sequence_length)` may
     add a way out to the error, such as the task's recipe when it fits. `lora_path` is an adapter, refused when it does not fit this base
-    or was recorded for another one (unless `force`), and applied: the model is then a LoRAModel. Without
+    or was recorded for another one (unless `force`), and applied: the model is then a LoRAModel; `prefix_path`
+    likewise a P-tuning v2 prefix (glm/prefix.py), the model then a GLMPrefixModel. Without
     `with_tokenizer` the tokenizer is None (a merge copies the tokenizer's files instead)."""
     model = load_model(path, dtype, model_class=model_class, **config_overrides)  # first: it says best what is wrong with a path
     tokenizer = None
@@ -31,6 +34,10 @@ def load_model_and_tokenizer(path: str, dtype=None, model_class=GLMForConditiona
         check_fits(path, model, tokenizer)
     limit = model.config.max_sequence_length
     check_lengths(lengths or {}, limit, suggest(limit) if suggest else "")
+    if lora_path and prefix_path:
+        raise UserError("--lora_path and --prefix_path: give one (a model is adapted by a LoRA adapter or a prefix)")
     if lora_path:
         model = load_lora(model, lora_path, path, force)
+    if prefix_path:
+        model = load_prefix(model, prefix_path, path, force)
     return model, tokenizer

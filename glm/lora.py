@@ -28,7 +28,7 @@ from .errors import AdapterError
 
 __all__ = [
     "DEFAULT_LORA_TARGETS", "BASE_FINGERPRINT", "SHAPE_FIELDS", "linear_target_patterns",
-    "apply_lora", "base_fingerprint", "load_lora",
+    "apply_lora", "base_fingerprint", "load_lora", "check_recorded_base",
 ]  # fmt: skip
 
 DEFAULT_LORA_TARGETS = (".*query_key_value.*", ".*attention.dense.*")
@@ -83,7 +83,9 @@ def apply_lora(model, rank=8, alpha=16, dropout=0.0, target_modules=DEFAULT_LORA
     return lora_model
 
 
-def _check_fingerprint(lora_path: str, base_path: Optional[str], config, force: bool):
+def check_recorded_base(lora_path: str, base_path: Optional[str], config, force: bool, kind: str = "adapter"):
+    """AdapterError unless the base recorded beside the adapter (or prefix: `kind`) in `lora_path` has the
+    shapes of `config` and, when `base_path` is given, is that base (unless `force`: same shapes suffice)."""
     recorded_file = os.path.join(lora_path, BASE_FINGERPRINT)
     if os.path.exists(recorded_file):
         with open(recorded_file, encoding="utf-8") as f:
@@ -98,12 +100,12 @@ def _check_fingerprint(lora_path: str, base_path: Optional[str], config, force: 
     differing = [f"{name} {recorded['config'].get(name)} (adapter's base) vs {getattr(config, name)} (this base)"
                  for name in SHAPE_FIELDS if recorded["config"].get(name) != getattr(config, name)]  # fmt: skip
     if differing:
-        raise AdapterError(f"adapter {lora_path} was trained on a different GLM: {', '.join(differing)}")
+        raise AdapterError(f"{kind} {lora_path} was trained on a different GLM: {', '.join(differing)}")
     if base_path is None:
         return
     if recorded == base_fingerprint(base_path, config):
         return
-    message = f"adapter {lora_path} was trained on another base than {base_path} (same shapes, other weights)"
+    message = f"{kind} {lora_path} was trained on another base than {base_path} (same shapes, other weights)"
     if not force:
         raise AdapterError(f"{message}; --force applies it anyway")
     logger.warning(f"{message}; applying it anyway (--force)")
@@ -131,7 +133,7 @@ def load_lora(model, lora_path: str, base_path: Optional[str] = None, force: boo
     for required in ("lora_config.json", LORA_WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(lora_path, required)):
             raise AdapterError(f"{lora_path}: no {required} (expected a LoRA adapter directory)")
-    _check_fingerprint(lora_path, base_path, model.config, force)
+    check_recorded_base(lora_path, base_path, model.config, force)
     lora_model = LoRAModel.from_pretrained(model, lora_path)
     _check_adapter_fits(lora_model, lora_path)
     return lora_model

@@ -8,6 +8,10 @@ both go through a ModelRunner, and nothing else reaches into the model while dec
     log-probabilities back in NumPy;
   * `packed_lm_head(rows)`: a context in which the LM head runs through MKL's packed GEMM
     (glm/packed_gemm.py). The runner owns the pack; the model is never modified.
+
+A P-tuning v2 prefix (glm/prefix.py) is the memory every source starts from: `encode` puts its keys and
+values in front of the source's, once per source, so a source's beams and samples share it as they share
+the source.
 """
 
 import contextlib
@@ -18,6 +22,7 @@ import paddle
 
 from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor
 from .packed_gemm import packed_transposed
+from .prefix import prefix_model
 
 __all__ = ["ModelRunner", "DecodingRows", "log_softmax"]
 
@@ -33,8 +38,11 @@ class ModelRunner:
     """Runs a GLMForConditionalGeneration (or a peft model wrapping one) for decoding, in eval mode and
     without gradients (the caller's job: GLMGenerator.generate and the engine's loop)."""
 
-    def __init__(self, model):
-        self.model = getattr(model, "model", model)  # a peft LoRAModel wraps the GLM it adapts
+    def __init__(self, model, prefix=None):
+        """`model`: a GLM, or a peft model wrapping one (LoRA, a prefix); `prefix`: the GLMPrefixModel whose
+        prefix every source starts from (default: `model`'s own, if it has one)."""
+        self.prefix = prefix if prefix is not None else prefix_model(model)
+        self.model = getattr(model, "model", model)  # a peft model wraps the GLM it adapts
         self._packed = None  # the LM head packed for MKL, inside `packed_lm_head`
 
     @property
@@ -113,7 +121,8 @@ class ModelRunner:
         return results
 
     def encode(self, sources: Sequence[Sequence[int]], pad: int):
-        """One bidirectional pass over the sources, left-padded: (cache, memory_valid)."""
+        """One bidirectional pass over the sources, left-padded, after the prefix if there is one: (cache,
+        memory_valid)."""
         length = max(len(source) for source in sources)
         input_ids = np.full((len(sources), length), pad, dtype="int64")
         position_ids = np.zeros((len(sources), 2, length), dtype="int64")
@@ -123,8 +132,11 @@ class ModelRunner:
             input_ids[row, start:] = source
             position_ids[row, 0, start:] = np.arange(len(source))
             valid[row, start:] = True
-        empty = np.zeros((len(sources), 0), dtype=bool)
-        cache, memory_valid, _ = self.extend(None, empty, input_ids, position_ids, valid, False, False)
+        cache, memory = None, np.zeros((len(sources), 0), dtype=bool)
+        if self.prefix is not None:
+            cache = self.prefix.layer_caches(len(sources))
+            memory = np.ones((len(sources), self.prefix.num_prefix_tokens), dtype=bool)
+        cache, memory_valid, _ = self.extend(cache, memory, input_ids, position_ids, valid, False, False)
         return cache, memory_valid
 
     def start_rows(self, cache, memory_valid, mask_positions, copies: int, capacity: int) -> "DecodingRows":

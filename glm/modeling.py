@@ -33,7 +33,8 @@ from paddlenlp.utils.initializer import normal_, ones_, zeros_
 from .configuration import GLMConfig
 from .decoding_cache import MASKED_SCORE, LayerCache, StepCache, StepMask
 
-__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias"]
+__all__ = ["GLMModel", "GLMPretrainedModel", "GLMForConditionalGeneration", "GLMForMultipleChoice", "attention_bias",
+           "prefixed_attention_mask"]
 
 class Dropout(nn.Dropout):
     """nn.Dropout that returns its input untouched when not training: Paddle's launches a copy kernel in eval
@@ -75,6 +76,18 @@ def attention_bias(attention_mask, batch_size: int, query_length: int, memory_le
             f"attention_mask must be 1-D (one sep per row) or 4-D [B, 1, q, M+q]; got shape {attention_mask.shape}"
         )
     return (1.0 - allowed.astype("float32")) * MASKED_SCORE
+
+
+def prefixed_attention_mask(attention_mask, prefix_length: int):
+    """`attention_mask` (any form `attention_bias` takes but a StepMask) over `prefix_length` more keys in front,
+    which every query sees (a P-tuning v2 prefix, glm/prefix.py): a `sep` moves past them; a 4-D mask gains
+    columns of ones; None (causal) sees every earlier key, the prefix included, as it is."""
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 1:
+        return attention_mask + prefix_length
+    ones = paddle.ones(attention_mask.shape[:-1] + [prefix_length], dtype=attention_mask.dtype)
+    return paddle.concat([ones, attention_mask], axis=-1)
 
 
 class GLMAttention(nn.Layer):
@@ -437,10 +450,12 @@ class GLMForMultipleChoice(GLMPretrainedModel):
         choice_ids=None,
         choice_indices=None,
         labels=None,
+        cache: Optional[List[LayerCache]] = None,
         return_dict: Optional[bool] = None,
     ):
-        """Returns (loss, scores [B, C]) as a tuple, or `MultipleChoiceModelOutput`; loss only with labels."""
-        hidden_states, _ = self.glm(input_ids, position_ids, attention_mask, return_dict=False)
+        """Returns (loss, scores [B, C]) as a tuple, or `MultipleChoiceModelOutput`; loss only with labels.
+        `cache`: per-layer memory every position attends to (a P-tuning v2 prefix, glm/prefix.py)."""
+        hidden_states, _ = self.glm(input_ids, position_ids, attention_mask, cache=cache, return_dict=False)
         scores = self.choice_scores(hidden_states, *padded_choices(choice_ids, choice_indices))
         loss = F.cross_entropy(scores, labels.reshape([-1, 1]).astype("int64")) if labels is not None else None
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict

@@ -42,14 +42,15 @@ class Predictor:
     GLMInputBuilder's; `dtype` float16/bfloat16 needs a GPU."""
 
     def __init__(self, model_name_or_path: str, generation_args: GenerationArguments, *, src_length: int,
-                 tgt_length: int, mask_token: str = "[gMASK]", lora_path: Optional[str] = None, force: bool = False,
+                 tgt_length: int, mask_token: str = "[gMASK]", lora_path: Optional[str] = None,
+                 prefix_path: Optional[str] = None, force: bool = False,
                  dtype: str = "float32", seed: Optional[int] = None, batch_size: int = 8):
         if dtype not in ("float32", "float16", "bfloat16"):
             raise UserError(f"--dtype must be float32, float16 or bfloat16; got {dtype}")
         if dtype != "float32" and not paddle.device.is_compiled_with_cuda():
             raise UserError(f"--dtype {dtype} needs a GPU: Paddle's CPU kernels have no half precision")
         model, self.tokenizer = load_model_and_tokenizer(
-            model_name_or_path, None if dtype == "float32" else dtype, lora_path=lora_path, force=force,
+            model_name_or_path, None if dtype == "float32" else dtype, lora_path=lora_path, prefix_path=prefix_path, force=force,
             lengths={"src_length": src_length, "tgt_length": tgt_length})
         model.eval()
         self.builder = GLMInputBuilder(self.tokenizer, src_length, tgt_length, mask_token)
@@ -87,7 +88,8 @@ class CheckpointArguments:
                           "embedded default once `python finetune_generation.py` has trained it, in the checkout)."},
     )
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
-    force: bool = field(default=False, metadata={"help": "Apply an adapter recorded for another same-shaped base."})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "P-tuning v2 prefix directory (--prefix_tuning's output) to apply."})
+    force: bool = field(default=False, metadata={"help": "Apply an adapter or prefix recorded for another same-shaped base."})
     src_length: int = field(default=608, metadata={"help": "Source tokens, with [CLS], the mask and <|endoftext|>."})
     tgt_length: int = field(default=160, metadata={"help": "At most this many new tokens per blank."})
     mask_token: str = field(default="[gMASK]", metadata={"help": "Blank appended to a source without one."})
@@ -114,11 +116,11 @@ def checked_model_path(args: CheckpointArguments, default_model: str) -> str:
 
 
 def resolve_settings(argv: List[str], args: CheckpointArguments, generation_args: GenerationArguments, default_model: str):
-    """Flags not in `argv` from the generation_settings.json of the LoRA adapter (--lora_path: what it was
-    trained and evaluated with), then of the checkpoint; one line says what applies."""
+    """Flags not in `argv` from the generation_settings.json of the LoRA adapter or prefix (--lora_path,
+    --prefix_path: what it was trained and evaluated with), then of the checkpoint; one line says what applies."""
     model, given = checked_model_path(args, default_model), flag_names(argv)
-    settings_files = apply_checkpoint_settings([args.lora_path, model] if args.lora_path else [model], given, args,
-                                               generation_args)
+    adapter = args.lora_path or args.prefix_path
+    settings_files = apply_checkpoint_settings([adapter, model] if adapter else [model], given, args, generation_args)
     source = ", then ".join(map(shown, settings_files)) or "built-in defaults"
     lowered = fit_to_model(model, given, ("src_length", "tgt_length"), args, generation_args)
     if lowered:
@@ -148,5 +150,5 @@ def load_predictor(args: CheckpointArguments, generation_args: GenerationArgumen
     """The Predictor of `args`' checkpoint; the embedded default `default_model` must have been trained."""
     return Predictor(
         checked_model_path(args, default_model), generation_args, src_length=args.src_length, tgt_length=args.tgt_length,
-        mask_token=args.mask_token, lora_path=args.lora_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
+        mask_token=args.mask_token, lora_path=args.lora_path, prefix_path=args.prefix_path, force=args.force, dtype=args.dtype, seed=seed, batch_size=batch_size,
     )

@@ -40,15 +40,15 @@ SETTINGS = {  # request fields -> predict flags
 }  # fmt: skip
 
 
-def load_predictor(model):
-    return Predictor(model, GenerationArguments(**DEFAULTS), src_length=40, tgt_length=12, batch_size=1)
+def load_predictor(model, prefix_path=None):
+    return Predictor(model, GenerationArguments(**DEFAULTS), src_length=40, tgt_length=12, batch_size=1, prefix_path=prefix_path)
 
 
 class Served:
     """An app on uvicorn in a thread, on 127.0.0.1 and a free port."""
 
-    def __init__(self, model, **options):
-        self.predictor = load_predictor(model)
+    def __init__(self, model, prefix_path=None, **options):
+        self.predictor = load_predictor(model, prefix_path)
         self.app = create_app(self.predictor, GenerationArguments(**DEFAULTS), ServeOptions(model_name="micro", **options))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

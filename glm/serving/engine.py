@@ -72,6 +72,9 @@ class SourceListener:
         """The source stopped early (Cancelled.reason) or failed (the error's message): no result follows."""
 
 
+ENGINE_PREFIX = "the engine's"  # Source.prefix: the prefix of the engine's generator, if it has one
+
+
 @dataclass
 class Source:
     """One prompt of a request: its token ids, its decoding settings and who listens."""
@@ -80,6 +83,9 @@ class Source:
     config: GenerationConfig
     listener: SourceListener
     deadline: float = float("inf")  # time.monotonic() after which it is cancelled ("timeout")
+    # The P-tuning v2 prefix it decodes after (glm/prefix.py): the engine's generator's (ENGINE_PREFIX), or
+    # another GLMPrefixModel on the same base, or None for none. Sources with and without step together.
+    prefix: object = field(default=ENGINE_PREFIX)
     cancel_reason: Optional[str] = None
     # engine state
     _greenlet: Optional[greenlet] = field(default=None, repr=False)
@@ -104,6 +110,7 @@ class _EngineRunner(ModelRunner):
 
     def __init__(self, engine: "Engine", source: Source):
         super().__init__(engine.runner.model)
+        self.prefix = engine.runner.prefix if source.prefix is ENGINE_PREFIX else source.prefix
         self.engine, self.source = engine, source
 
     def packed_lm_head(self, rows):

@@ -121,15 +121,16 @@ class ServingState:
         self.metrics.tokens.inc(tokens)
         self.metrics.ttft.observe((generation.first_piece or time.monotonic()) - generation.started)
 
-    def choice_head(self) -> GLMForMultipleChoice:
-        """GLMForMultipleChoice on the served backbone (and its adapter), made once on the engine's thread.
+    def choice_head(self):
+        """GLMForMultipleChoice on the served backbone (and its adapter or prefix), made once on the engine's thread.
         It is built on a one-layer stand-in config, so the only weights it holds are the served ones."""
         if self._choice_head is None:
             head = GLMForMultipleChoice(GLMConfig(num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=8,
                                                   max_sequence_length=8))  # fmt: skip
             head.glm, head.config = self.generator.model.glm, self.generator.model.config
             head.eval()  # score_examples restores the mode it found: training would switch dropout on in the backbone
-            self._choice_head = head
+            prefix = self.generator.runner.prefix
+            self._choice_head = prefix.over(head) if prefix is not None else head
         return self._choice_head
 
 

@@ -40,6 +40,18 @@ class ModelArguments:
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Regexes of the Linear layers to adapt, e.g. '.*query_key_value.*' '.*mlp.*'."},
     )
+    prefix_tuning: bool = field(
+        default=False,
+        metadata={"help": "P-tuning v2: train only per-layer prefix keys and values (glm/prefix.py); only they are saved."},
+    )
+    num_prefix_tokens: int = field(default=16, metadata={"help": "Prefix tokens per layer (--prefix_tuning)."})
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "Train the prefix through P-tuning v2's reparameterization MLP (folded away when saving)."},
+    )
+    prefix_projection_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "The MLP's hidden size (default: the model's hidden size)."}
+    )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Fused scaled_dot_product_attention (for GPUs)."}
     )

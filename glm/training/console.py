@@ -46,6 +46,10 @@ def describe_model(model_args, model) -> str:
         text += ", random init (the directory holds no weights)"
     if model_args.lora:
         text += f", LoRA rank {model_args.lora_rank} on {' '.join(model_args.lora_target_modules)}"
+    if model_args.prefix_tuning:
+        trained = sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
+        text += (f", P-tuning v2 prefix of {model_args.num_prefix_tokens} tokens"
+                 f"{' through an MLP' if model_args.prefix_projection else ''} ({trained / 1e3:.1f}k trained)")
     return text
 
 

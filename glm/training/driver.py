@@ -15,6 +15,7 @@ from paddlenlp.trainer import TrainerState
 from ..errors import UserError
 from ..files import crash_point, write_json_atomic
 from ..memory.plan import Plan, memory_metrics, memory_summary
+from ..prefix import prefix_model
 from . import console
 from .checkpoints import STAGING, TRAINER_STATE, publish_final_model, staging_dir
 from .curve import CURVE_FILE, plot_training_curve
@@ -125,9 +126,12 @@ def evaluate_complete_run(trainer, do_eval_given: bool, metric_labels, started):
 
 
 def save_final_model(trainer, extra_files):
-    """The model and `extra_files` written whole under .staging, then moved into --output_dir."""
+    """The model and `extra_files` written whole under .staging, then moved into --output_dir. A prefix is
+    saved folded (its reparameterization MLP replaced by its output: the same prefix, nothing to run)."""
     args = trainer.args
     trainer.check_finite_weights()
+    if prefix_model(trainer.model) is not None:
+        trainer.model.fold()
     staged = os.path.join(args.output_dir, STAGING, "final")
     if args.should_save:
         staging_dir(args.output_dir, "final")

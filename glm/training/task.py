@@ -32,6 +32,7 @@ from ..errors import CheckpointError, UserError
 from ..files import output_dir_lock
 from ..loading import load_model_and_tokenizer
 from ..lora import apply_lora, base_fingerprint
+from ..prefix import apply_prefix, prefix_parameters
 from ..memory.estimate import DecodingLoad, TrainingLoad
 from ..memory.measure import current_memory_bytes, on_gpu
 from ..memory.plan import Plan, header_line, refuse_if_it_cannot_fit, sharding_stage, training_plan
@@ -113,7 +114,7 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
     """Train and evaluate `task` (see the module's docstring); returns its trainer."""
     args, model_args = task.training_args, task.model_args
     task.prepare()
-    check_lora_base(model_args)
+    check_adapter_flags(model_args)
     dtype = resolve_amp(args)
     settings = run_settings((model_args, *task.recorded_arguments(), args), inputs=task.inputs())
     with output_dir_lock(args.output_dir, hold=args.do_train and args.should_save):
@@ -158,6 +159,9 @@ def memory_plan(task: Task, half: bool, devices: int, sharding: int = 0, gpu: bo
     training = TrainingLoad(
         shape, args.per_device_train_batch_size, length, scored, recompute=bool(args.recompute), half=half,
         lora_rank=model_args.lora_rank if model_args.lora else 0, lora_targets=tuple(model_args.lora_target_modules),
+        prefix_parameters=prefix_parameters(shape.num_layers, shape.hidden_size, model_args.num_prefix_tokens,
+                                            model_args.prefix_projection, model_args.prefix_projection_hidden_size)
+        if model_args.prefix_tuning else 0,
         devices=max(1, devices), sharding_stage=sharding, accumulation=args.gradient_accumulation_steps,
         dropout=uses_dropout(model_args.model_name_or_path), label_smoothing=model_args.label_smoothing > 0, gpu=gpu,
     )  # fmt: skip
@@ -175,24 +179,34 @@ def run_memory_plan(task: Task, dtype) -> Optional[Plan]:
     return memory_plan(task, dtype is not None, args.world_size, stage, gpu, None if gpu else current_memory_bytes())
 
 
-def check_lora_base(model_args):
-    """--lora's own refusals, before anything else is said of the run (a rerun's differences included)."""
-    if not model_args.lora:
-        return
-    check_flag("lora_rank", model_args.lora_rank, COUNT)
-    if os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
+def check_adapter_flags(model_args):
+    """--lora's and --prefix_tuning's own refusals, before anything else is said of the run (a rerun's
+    differences included)."""
+    if model_args.lora and model_args.prefix_tuning:
+        raise UserError("--lora and --prefix_tuning: choose one (each trains its own few parameters on a frozen base)")
+    if model_args.lora:
+        check_flag("lora_rank", model_args.lora_rank, COUNT)
+    if model_args.prefix_tuning:
+        check_flag("num_prefix_tokens", model_args.num_prefix_tokens, COUNT)
+        if model_args.prefix_projection_hidden_size is not None:
+            check_flag("prefix_projection_hidden_size", model_args.prefix_projection_hidden_size, COUNT)
+    elif model_args.prefix_projection:
+        raise UserError("--prefix_projection applies to --prefix_tuning true")
+    flag = "--lora" if model_args.lora else "--prefix_tuning" if model_args.prefix_tuning else None
+    if flag and os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
         raise UserError(
-            f"--lora on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
-            "reproduced to apply the adapter later; finetune it first (without --lora) and adapt that"
+            f"{flag} on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
+            f"reproduced to apply the {'adapter' if model_args.lora else 'prefix'} later; finetune it first "
+            f"(without {flag}) and adapt that"
         )
 
 
 def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GLMForConditionalGeneration,
                       task_recipe: Optional[str] = None, **config_overrides) -> Tuple[Any, Any, Optional[dict]]:
-    """The model (a `model_class`), its tokenizer, and the base's fingerprint when a LoRA adapter is to be
-    trained (None otherwise). Every `lengths` entry ({flag: value}) must fit the model (a length that does
-    not names `task_recipe`, the task's embedded default recipe, when that fits); with --lora the adapter
-    is applied and only it trains."""
+    """The model (a `model_class`), its tokenizer, and the base's fingerprint when a LoRA adapter or a prefix
+    is to be trained (None otherwise). Every `lengths` entry ({flag: value}) must fit the model (a length
+    that does not names `task_recipe`, the task's embedded default recipe, when that fits); with --lora the
+    adapter, with --prefix_tuning the prefix, is applied and only it trains."""
 
     def suggest(limit: int) -> str:
         return f", or the recipe {shown(task_recipe)}" if recipe_fits(task_recipe, lengths, limit) else ""
@@ -201,9 +215,13 @@ def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GL
         model_args.model_name_or_path, dtype, model_class=model_class, lengths=lengths, suggest=suggest,
         use_flash_attention=model_args.use_flash_attention, **config_overrides,
     )  # fmt: skip
-    if not model_args.lora:
+    if not (model_args.lora or model_args.prefix_tuning):
         return model, tokenizer, None
     fingerprint = base_fingerprint(model_args.model_name_or_path, model.config)
+    if model_args.prefix_tuning:
+        model = apply_prefix(model, model_args.num_prefix_tokens, model_args.prefix_projection,
+                             model_args.prefix_projection_hidden_size)
+        return model, tokenizer, fingerprint
     model = apply_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout,
                        model_args.lora_target_modules, base_model_name_or_path=model_args.model_name_or_path)
     model.print_trainable_parameters()

@@ -21,6 +21,7 @@ from paddlenlp.utils.log import logger
 from ..errors import TrainingDiverged
 from ..files import crash_point, write_json_atomic
 from ..lora import BASE_FINGERPRINT
+from ..prefix import prefix_model
 from . import console
 from .checkpoints import STAGING, TRAINER_STATE, checkpoint_step, publish_checkpoint, staging_dir
 from .run_record import RECORD_FILE, RunSettings, read_record, total_steps
@@ -54,8 +55,8 @@ class GLMTrainer(Trainer):
     the run's record, a resume that stops at max_steps, and a stop at the first non-finite loss. Task
     trainers subclass it for evaluation.
 
-    `run_settings` (run_record.run_settings) go into every record; `base_fingerprint` (a LoRA run's base,
-    lora.base_fingerprint) is written beside every saved adapter."""
+    `run_settings` (run_record.run_settings) go into every record; `base_fingerprint` (a LoRA or prefix run's
+    base, lora.base_fingerprint) is written beside every saved adapter or prefix."""
 
     def __init__(self, *args, lr_decay_ratio, run_settings: Optional[RunSettings] = None,
                  base_fingerprint: Optional[dict] = None, **kwargs):
@@ -139,7 +140,10 @@ class GLMTrainer(Trainer):
         return TrainOutput(self.state.global_step, loss, metrics)
 
     def load_trained_weights(self, directory):
-        """The weights saved in `directory` (a checkpoint or a final model, full or LoRA), on every process."""
+        """The weights saved in `directory` (a checkpoint or a final model, full, LoRA or a prefix), on every
+        process."""
+        if prefix_model(self.model) is not None:
+            self.model.fold_like(directory)  # a final model's prefix is saved folded
         self._load_from_checkpoint(directory)
         if self.args.world_size > 1:  # PaddleNLP loads on data-parallel rank 0 only (training's wrap broadcasts)
             sync_params_buffers(self.model, fuse_params=False)

@@ -13,6 +13,7 @@ import paddle.nn.functional as F
 
 from ..errors import DataError
 from ..inputs import IGNORE_INDEX, GLMExample, collate_examples
+from ..prefix import prefix_model
 from ..tokenization import encode_text, special_token_ids
 
 __all__ = [
@@ -111,15 +112,17 @@ def score_targets(model, examples: List[GLMExample], batch_size: int, pad_id: in
     is the argmax at its position). The LM head runs on the scored positions only; the log-softmax is
     taken as cross_entropy (Paddle's CPU log_softmax is ~100x slower)."""
     model.eval()
+    prefixed, glm_model = prefix_model(model), getattr(model, "model", model)  # a peft model wraps the GLM
     results = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = {k: paddle.to_tensor(v) for k, v in collate_examples([e.features() for e in chunk], pad_id).items()}
-        hidden_states = model.glm(batch["input_ids"], batch["position_ids"], batch["attention_mask"], return_dict=False)[0]
+        cache, mask = prefixed.backbone_inputs(len(chunk), batch["attention_mask"]) if prefixed else (None, batch["attention_mask"])
+        hidden_states = glm_model.glm(batch["input_ids"], batch["position_ids"], mask, cache=cache, return_dict=False)[0]
         length = hidden_states.shape[1]
         positions = paddle.nonzero(batch["loss_mask"].reshape([-1])).reshape([-1])
         hidden = paddle.gather(hidden_states.reshape([-1, hidden_states.shape[-1]]), positions)
-        logits = model.lm_logits(hidden).astype("float32")
+        logits = glm_model.lm_logits(hidden).astype("float32")
         labels = paddle.gather(batch["labels"].reshape([-1]), positions)
         nll = F.cross_entropy(logits, labels.unsqueeze(-1), reduction="none").reshape([-1]).numpy()
         hits = (logits.argmax(axis=-1) == labels).numpy()
