@@ -29,6 +29,7 @@ from glm.errors import DataError, UserError
 from glm.files import write_json_atomic, write_jsonl_atomic
 from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
 from glm.loading import load_model_and_tokenizer
+from glm.ptuning import has_prompt
 from glm.tokenization import special_token_ids
 from glm.understanding.language_model import lambada_examples, lm_examples, lm_metrics, score_targets
 from glm.understanding.multiple_choice import (
@@ -42,7 +43,7 @@ from glm.understanding.multiple_choice import (
 TASKS = ("multiple_choice", "lm", "lambada")
 # The flags only some tasks read: given to another task they would be ignored without a word.
 TASK_FLAGS = {
-    "src_length": ("multiple_choice",), "skip_bad_rows": ("multiple_choice",),
+    "src_length": ("multiple_choice",), "skip_bad_rows": ("multiple_choice",), "prompt_path": ("multiple_choice",),
     "predictions_file": ("multiple_choice", "lambada"), "seq_length": ("lm", "lambada"), "mask_token": ("lm", "lambada"),
     "overlapping_eval": ("lm",), "unidirectional": ("lm",), "word_separator": ("lambada",),
 }  # fmt: skip
@@ -60,6 +61,9 @@ class EvaluateArguments:
     data_file: Optional[str] = field(default=None, metadata={"help": "The data to evaluate on (required)."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter directory to apply."})
     prefix_path: Optional[str] = field(default=None, metadata={"help": "P-tuning v2 prefix directory (--prefix_tuning's output) to apply."})
+    prompt_path: Optional[str] = field(
+        default=None, metadata={"help": "multiple_choice: THUDM P-tuning prompt (finetune_cloze.py --ptuning --freeze_backbone's "
+                                        "output) to apply; a --ptuning run that trained its backbone is its own model, prompt included."})
     force: bool = field(default=False, metadata={"help": "Apply an adapter or prefix recorded for another same-shaped base."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Write the results here as JSON."})
     predictions_file: Optional[str] = field(
@@ -97,8 +101,10 @@ def check_arguments(args, given=frozenset()):
 def load(args):
     """The model as the task scores with it, the adapter verified against its base (the one loader)."""
     model_class = GLMForMultipleChoice if args.task == "multiple_choice" else GLMForConditionalGeneration
+    prompt_path = args.prompt_path or (args.model_name_or_path if has_prompt(args.model_name_or_path) else None)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, model_class=model_class,
-                                                lora_path=args.lora_path, prefix_path=args.prefix_path, force=args.force)
+                                                lora_path=args.lora_path, prefix_path=args.prefix_path,
+                                                prompt_path=prompt_path, force=args.force)
     model.eval()
     return model, tokenizer
 
@@ -112,7 +118,9 @@ def model_length(name: str, value: Optional[int], model) -> int:
 
 def evaluate_multiple_choice(args, model, tokenizer):
     src_length = model_length("src_length", args.src_length, model)
-    builder = MultipleChoiceBuilder(tokenizer, src_length)
+    prompt = getattr(model, "prompt_config", None)  # a P-tuning prompt's tokens go into each row's pattern
+    builder = MultipleChoiceBuilder(tokenizer, src_length, prompt.num_prompt_tokens if prompt else 0,
+                                    prompt.prompt_placement if prompt else "split")
     rows = read_choice_rows(args.data_file, skip_bad_rows=args.skip_bad_rows)
     examples = build_choice_examples(rows, builder, os.path.basename(args.data_file))
     with progress_bar(len(examples), "scoring", "row") as bar:

@@ -18,7 +18,7 @@ import sys
 from glm.cli.process import command
 from glm.training.arguments import ModelArguments, parse_arguments
 from glm.training.task import finish
-from glm.understanding.cloze import ClozeDataArguments, finetune_cloze
+from glm.understanding.cloze import ClozeDataArguments, PTuningArguments, finetune_cloze
 from paddlenlp.trainer import TrainingArguments
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +30,7 @@ DEFAULTS = {"model_name_or_path": os.path.join(ROOT, "configs", "glm-tiny-chines
 
 def parse_cloze_arguments(argv):
     return parse_arguments(
-        (ModelArguments, ClozeDataArguments, TrainingArguments),
+        (ModelArguments, ClozeDataArguments, PTuningArguments, TrainingArguments),
         argv,
         default_argv=[DEFAULT_RECIPE, "--output_dir", DEFAULT_OUTPUT],
         defaults=DEFAULTS,
@@ -41,8 +41,9 @@ def parse_cloze_arguments(argv):
 def main(argv=None, callbacks=()):
     with command():
         arguments = parse_cloze_arguments(sys.argv[1:] if argv is None else argv)
-        trainer = finetune_cloze(*arguments, callbacks=callbacks, given_flags=arguments.given_flags,
-                                 task_recipe=arguments.recipe_to_suggest(DEFAULT_RECIPE))
+        model_args, data_args, ptuning_args, training_args = arguments
+        trainer = finetune_cloze(model_args, data_args, training_args, callbacks=callbacks, given_flags=arguments.given_flags,
+                                 task_recipe=arguments.recipe_to_suggest(DEFAULT_RECIPE), ptuning_args=ptuning_args)
     return finish(trainer)
 
 

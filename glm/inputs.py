@@ -11,7 +11,7 @@ only keys j < sep or j <= i, so padding (always after every real token) is never
 positions carry no loss.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,10 +22,11 @@ from .tokenization import GLMSpecialIds, encode_text, special_token_ids
 
 __all__ = [
     "MASK_TOKENS", "GLMInputBuilder", "GLMExample", "collate_examples", "IGNORE_INDEX",
-    "MultipleChoiceBuilder", "MultipleChoiceExample", "collate_multiple_choice",
+    "MultipleChoiceBuilder", "MultipleChoiceExample", "collate_multiple_choice", "PROMPT_PLACEMENTS",
 ]
 
 MASK_TOKENS = ("[gMASK]", "[MASK]", "[sMASK]")
+PROMPT_PLACEMENTS = ("split", "start", "blank")  # where P-tuning's prompt tokens go (MultipleChoiceBuilder)
 IGNORE_INDEX = -100  # label of positions outside the loss
 
 
@@ -150,6 +151,7 @@ class MultipleChoiceExample:
     choice_indices: List[List[int]]  # per choice, the positions predicting them
     label: Optional[int] = None
     context_truncated: bool = False
+    prompt_positions: List[int] = field(default_factory=list)  # P-tuning's prompt tokens (glm/ptuning.py)
 
     def features(self) -> Dict[str, object]:
         features = {
@@ -161,6 +163,8 @@ class MultipleChoiceExample:
         }
         if self.label is not None:
             features["labels"] = self.label
+        if self.prompt_positions:
+            features["prompt_positions"] = self.prompt_positions
         return features
 
 
@@ -170,31 +174,50 @@ class MultipleChoiceBuilder:
     The context becomes `[CLS] context [MASK] <|endoftext|>` within src_length tokens ([MASK] appended when
     the context holds no blank). A longer context is cut to a window that keeps its first blank (the
     tokens nearest the blank survive). Choices are tokenized without special tokens and never cut.
+
+    With `prompt_tokens` N (THUDM's P-tuning, glm/ptuning.py), N placeholder tokens go into the pattern, at
+    `prompt_placement`: `start` (after [CLS], before the context), `blank` (just before the blank), or `split`
+    (THUDM's patterns spread them: the first half, rounded up, at the start, the rest before the blank).
+    They count in src_length; the model replaces their embeddings, their positions are the pattern's.
     """
 
-    def __init__(self, tokenizer, src_length: int):
+    def __init__(self, tokenizer, src_length: int, prompt_tokens: int = 0, prompt_placement: str = "split"):
         # The generation builder's tokenizer glue, special ids and src_length check; its target side is unused here.
         self.glm = GLMInputBuilder(tokenizer, src_length, tgt_length=1, mask_token="[MASK]")
         self.ids = self.glm.ids
         self.src_length = src_length
+        if prompt_placement not in PROMPT_PLACEMENTS:
+            raise ValueError(f"prompt placement must be one of {', '.join(PROMPT_PLACEMENTS)}; got {prompt_placement}")
+        if prompt_tokens and src_length < prompt_tokens + 3:
+            raise ValueError(f"src_length {src_length} cannot hold {prompt_tokens} prompt tokens with [CLS], a blank "
+                             "and <|endoftext|>")
+        self.prompt_tokens, self.prompt_placement = prompt_tokens, prompt_placement
 
     def context_ids(self, context: str):
-        """`[CLS] context <|endoftext|>` holding a blank, within src_length; its blank position; whether cut."""
+        """`[CLS] context <|endoftext|>` holding a blank (and the prompt tokens), within src_length; its blank
+        position; whether cut; the prompt tokens' positions."""
         tokens = self.glm.tokenize(context)
         blanks = [i for i, token in enumerate(tokens) if token in self.ids.mask_ids]
         if not blanks:
             tokens.append(self.ids.mask)
             blanks = [len(tokens) - 1]
-        budget = self.src_length - 2  # [CLS] and <|endoftext|>
+        budget = self.src_length - 2 - self.prompt_tokens  # [CLS], <|endoftext|> and the prompt
         truncated = len(tokens) > budget
         if truncated:
             start = max(0, min(blanks[0] - budget // 2, len(tokens) - budget))
             tokens = tokens[start : start + budget]
             blanks[0] -= start
-        return [self.ids.cls] + tokens + [self.ids.eos], blanks[0] + 1, truncated
+        at_start = {"start": self.prompt_tokens, "blank": 0, "split": (self.prompt_tokens + 1) // 2}[self.prompt_placement]
+        before_blank = self.prompt_tokens - at_start
+        placeholder = self.ids.pad  # any id: the model replaces its embedding
+        ids = ([self.ids.cls] + [placeholder] * at_start + tokens[: blanks[0]] + [placeholder] * before_blank
+               + tokens[blanks[0] :] + [self.ids.eos])  # fmt: skip
+        blank = 1 + at_start + blanks[0] + before_blank
+        prompt_positions = list(range(1, 1 + at_start)) + list(range(blank - before_blank, blank))
+        return ids, blank, truncated, prompt_positions
 
     def build(self, context: str, choices: Sequence[str], label: Optional[int] = None) -> MultipleChoiceExample:
-        input_ids, mask_position, truncated = self.context_ids(context)
+        input_ids, mask_position, truncated, prompt_positions = self.context_ids(context)
         context_length = len(input_ids)
         positions, blocks = list(range(context_length)), [0] * context_length
         choice_ids, choice_indices = [], []
@@ -208,7 +231,7 @@ class MultipleChoiceBuilder:
             positions += [mask_position] * len(tokens)
             blocks += list(range(1, len(tokens) + 1))
         return MultipleChoiceExample(
-            input_ids, [positions, blocks], context_length, choice_ids, choice_indices, label, truncated
+            input_ids, [positions, blocks], context_length, choice_ids, choice_indices, label, truncated, prompt_positions
         )
 
 
@@ -249,4 +272,6 @@ def collate_multiple_choice(features: Sequence[Dict[str, object]], pad_id: int) 
     }
     if all("labels" in f for f in features):
         batch["labels"] = np.array([f["labels"] for f in features], dtype="int64")
+    if "prompt_positions" in features[0]:
+        batch["prompt_positions"] = np.array([f["prompt_positions"] for f in features], dtype="int64")
     return batch

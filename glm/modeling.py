@@ -313,7 +313,10 @@ class GLMModel(GLMPretrainedModel):
         cache: Optional[List[LayerCache]] = None,
         use_cache: bool = False,
         return_dict: Optional[bool] = None,
+        inputs_embeds=None,
     ):
+        """`inputs_embeds` [B, L, hidden]: the word embeddings to use instead of looking `input_ids` up (THUDM's
+        P-tuning puts its prompt there, glm/ptuning.py)."""
         batch_size, query_length = input_ids.shape
         memory_length = _memory_length(cache[0]) if cache else 0
         if position_ids is None:
@@ -321,7 +324,7 @@ class GLMModel(GLMPretrainedModel):
             if self.config.block_position_encoding:
                 positions = paddle.stack([positions, paddle.zeros_like(positions)])  # [2, L]
             position_ids = positions.unsqueeze(0).expand([batch_size] + positions.shape)
-        word_embeddings = self.word_embeddings(input_ids)  # [B, L, hidden]
+        word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, hidden]
         _check_runs_here(word_embeddings)
         bias = attention_bias(attention_mask, batch_size, query_length, memory_length)
         hidden_states, new_cache = self.transformer(word_embeddings, position_ids, bias, cache, use_cache)
@@ -452,10 +455,13 @@ class GLMForMultipleChoice(GLMPretrainedModel):
         labels=None,
         cache: Optional[List[LayerCache]] = None,
         return_dict: Optional[bool] = None,
+        inputs_embeds=None,
     ):
         """Returns (loss, scores [B, C]) as a tuple, or `MultipleChoiceModelOutput`; loss only with labels.
-        `cache`: per-layer memory every position attends to (a P-tuning v2 prefix, glm/prefix.py)."""
-        hidden_states, _ = self.glm(input_ids, position_ids, attention_mask, cache=cache, return_dict=False)
+        `cache`: per-layer memory every position attends to (a P-tuning v2 prefix, glm/prefix.py);
+        `inputs_embeds`: word embeddings to use instead of the ids' (a P-tuning prompt, glm/ptuning.py)."""
+        hidden_states, _ = self.glm(input_ids, position_ids, attention_mask, cache=cache, return_dict=False,
+                                    inputs_embeds=inputs_embeds)
         scores = self.choice_scores(hidden_states, *padded_choices(choice_ids, choice_indices))
         loss = F.cross_entropy(scores, labels.reshape([-1, 1]).astype("int64")) if labels is not None else None
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict

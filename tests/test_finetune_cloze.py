@@ -132,7 +132,7 @@ def test_embedded_cloze_example_is_what_its_tool_builds(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["tiny-cloze.json", "real-sentiment-cloze.json"])
 def test_cloze_recipes_parse(recipe):
-    _, data_args, training_args = finetune_cloze.parse_cloze_arguments(
+    _, data_args, _, training_args = finetune_cloze.parse_cloze_arguments(
         [os.path.join(ROOT, "configs", recipe), "--output_dir", "unused"]
     )
     assert training_args.do_train and training_args.do_eval and data_args.src_length <= 256

@@ -58,7 +58,7 @@ def log_softmax(logits):
 def separate_sequence_scores(model, builder, context, choices):
     """Each choice in its own sequence `[CLS] context [MASK] <|endoftext|> <|startofpiece|> choice[:-1]`
     with the sep mask, a full forward, summed log-probabilities of its tokens."""
-    source, mask_position, _ = builder.context_ids(context)
+    source, mask_position, _, _ = builder.context_ids(context)
     scores = []
     for choice in choices:
         tokens = builder.glm.tokenize(choice, continuation=True)  # as the builder tokenizes a choice
@@ -144,7 +144,7 @@ def test_packed_layout_mask_and_positions(tokenizer):
 def test_long_context_keeps_its_blank(tokenizer):
     builder = MultipleChoiceBuilder(tokenizer, src_length=12)
     text = "一款优雅风格的" * 4 + "[MASK]" + "，包臀版型穿着利落" * 4
-    input_ids, mask_position, truncated = builder.context_ids(text)
+    input_ids, mask_position, truncated, _ = builder.context_ids(text)
     assert truncated and len(input_ids) == 12
     assert input_ids[mask_position] == builder.ids.mask and 3 <= mask_position <= 8  # a window around the blank
     with pytest.raises(ValueError, match="choice 1"):

@@ -59,7 +59,8 @@ def training_plan(task_name, argv, devices, gpu):
         from glm.understanding.cloze import ClozeTask
 
         parsed = script.parse_cloze_arguments(argv)
-        task = ClozeTask(*parsed)
+        model_args, data_args, ptuning_args, training_args = parsed
+        task = ClozeTask(model_args, data_args, training_args, ptuning_args=ptuning_args)
     else:
         import pretrain_glm as script
         from glm.pretraining.pretrain import PretrainingTask

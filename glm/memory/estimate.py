@@ -64,7 +64,7 @@ class TrainingLoad:
     half: bool = False  # fp16/bf16 O2
     lora_rank: int = 0  # 0: every weight trains
     lora_targets: Sequence[str] = ()
-    prefix_parameters: int = 0  # a P-tuning v2 prefix's (glm/prefix.py): only they train
+    adapter_parameters: int = 0  # a prefix's or a frozen-backbone prompt's (glm/prefix.py, glm/ptuning.py): only they train
     devices: int = 1
     sharding_stage: int = 0  # 0: data parallel without sharding
     accumulation: int = 1  # gradient accumulation steps
@@ -110,9 +110,9 @@ class Estimate:
                 "parts_mib": {name: round(value / MIB, 1) for name, value in self.parts.items()}, "notes": self.notes}
 
 
-def _trainable(shape: ModelShape, lora_rank: int, lora_targets: Sequence[str], prefix_parameters: int = 0) -> int:
-    if prefix_parameters:
-        return prefix_parameters
+def _trainable(shape: ModelShape, lora_rank: int, lora_targets: Sequence[str], adapter_parameters: int = 0) -> int:
+    if adapter_parameters:
+        return adapter_parameters
     if not lora_rank:
         return shape.parameters()
     return shape.num_layers * lora_rank * shape.linear_parameters(lora_targets)
@@ -121,9 +121,9 @@ def _trainable(shape: ModelShape, lora_rank: int, lora_targets: Sequence[str], p
 def model_states(load: TrainingLoad) -> Dict[str, int]:
     """Weights, gradients and AdamW state per device (sharding divides them)."""
     shape, d = load.shape, max(1, load.devices)
-    trainable = _trainable(shape, load.lora_rank, load.lora_targets, load.prefix_parameters)
+    trainable = _trainable(shape, load.lora_rank, load.lora_targets, load.adapter_parameters)
     weight_bytes = 2 if load.half else 4
-    adapter = load.lora_rank or load.prefix_parameters  # parameters beside the base's, not among them
+    adapter = load.lora_rank or load.adapter_parameters  # parameters beside the base's, not among them
     weights = shape.parameters() * weight_bytes + (trainable * weight_bytes if adapter else 0)
     gradients = trainable * weight_bytes
     optimizer = trainable * (8 + (4 if load.half else 0))  # AdamW's moments (and master weights) in float32
@@ -157,7 +157,7 @@ def estimate_training(load: TrainingLoad, runtime: Optional[int] = None) -> Esti
     layer_transient = 6 * e * b  # the last layer's first backward temporaries (GELU's and the MLP's input grads)
     outside = 2 * e * b + (e if load.dropout else 0) + load.batch * load.length**2 * 4 + s * h * b
     logits = s * v * 4 * (2 if load.label_smoothing else 1)
-    head_gradient = v * h * (2 if load.half else 4) if not (load.lora_rank or load.prefix_parameters) else 0  # the tied embeddings' at the LM head
+    head_gradient = v * h * (2 if load.half else 4) if not (load.lora_rank or load.adapter_parameters) else 0  # the tied embeddings' at the LM head
     if load.recompute:
         kept = shape.num_layers * e * b
         forward = kept + outside + max(logits + s * v * 4, logits + layer)

@@ -8,7 +8,8 @@ arguments, data, inputs and trainer class; `run_task` owns the rest, in this ord
       resume decision    decide_resume (reads only)
       memory             the run's memory plan; a run that cannot fit is refused before loading
       seed               before the model exists: a random init depends on it
-      loading            the one loader (lengths checked), a new LoRA adapter applied when asked
+      loading            the one loader (lengths checked), a new LoRA adapter or prefix applied when asked,
+                         then the task's own wrapping (Task.adapt_model)
       data               the task's datasets, collator and trainer arguments, built with the tokenizer
       output dir         prepare_output_dir: the decision's side effects, once nothing can be refused
       trainer            the task's GLMTrainer subclass, given the run settings and the base's fingerprint
@@ -109,6 +110,20 @@ class Task:
     def data(self, tokenizer) -> TaskData:
         raise NotImplementedError
 
+    def adapter_parameters(self, shape: ModelShape) -> int:
+        """The parameters that train beside a frozen base, when only they do (for the memory plan); 0 when
+        the base's own weights train (or LoRA's, which the plan counts itself)."""
+        args = self.model_args
+        if not args.prefix_tuning:
+            return 0
+        return prefix_parameters(shape.num_layers, shape.hidden_size, args.num_prefix_tokens, args.prefix_projection,
+                                 args.prefix_projection_hidden_size)
+
+    def adapt_model(self, model, base: Optional[dict]) -> Tuple[Any, Optional[dict]]:
+        """The loaded model (and the base's fingerprint, for what is saved beside a frozen base's adapter) as
+        the task trains it: a task wraps it here (THUDM's P-tuning, glm/ptuning.py)."""
+        return model, base
+
 
 def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
     """Train and evaluate `task` (see the module's docstring); returns its trainer."""
@@ -125,6 +140,7 @@ def run_task(task: Task, callbacks: Sequence = ()) -> GLMTrainer:
         set_seed(args.seed)
         model, tokenizer, base = load_for_training(model_args, dtype, task.lengths(), task.model_class,
                                                    task.default_recipe, **task.config_overrides())
+        model, base = task.adapt_model(model, base)
         data = task.data(tokenizer)
         prepare_output_dir(args, resume)  # last: a model or data refused above leaves --output_dir as it was
         trainer = task.trainer_class(
@@ -159,9 +175,7 @@ def memory_plan(task: Task, half: bool, devices: int, sharding: int = 0, gpu: bo
     training = TrainingLoad(
         shape, args.per_device_train_batch_size, length, scored, recompute=bool(args.recompute), half=half,
         lora_rank=model_args.lora_rank if model_args.lora else 0, lora_targets=tuple(model_args.lora_target_modules),
-        prefix_parameters=prefix_parameters(shape.num_layers, shape.hidden_size, model_args.num_prefix_tokens,
-                                            model_args.prefix_projection, model_args.prefix_projection_hidden_size)
-        if model_args.prefix_tuning else 0,
+        adapter_parameters=task.adapter_parameters(shape),
         devices=max(1, devices), sharding_stage=sharding, accumulation=args.gradient_accumulation_steps,
         dropout=uses_dropout(model_args.model_name_or_path), label_smoothing=model_args.label_smoothing > 0, gpu=gpu,
     )  # fmt: skip

@@ -22,6 +22,7 @@ from ..errors import TrainingDiverged
 from ..files import crash_point, write_json_atomic
 from ..lora import BASE_FINGERPRINT
 from ..prefix import prefix_model
+from ..ptuning import PromptTunedModel
 from . import console
 from .checkpoints import STAGING, TRAINER_STATE, checkpoint_step, publish_checkpoint, staging_dir
 from .run_record import RECORD_FILE, RunSettings, read_record, total_steps
@@ -145,6 +146,12 @@ class GLMTrainer(Trainer):
         if prefix_model(self.model) is not None:
             self.model.fold_like(directory)  # a final model's prefix is saved folded
         self._load_from_checkpoint(directory)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        if isinstance(self.model, PromptTunedModel) and resume_from_checkpoint:
+            self.model.load_saved(resume_from_checkpoint)  # what _save wrote, on every process
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint)
         if self.args.world_size > 1:  # PaddleNLP loads on data-parallel rank 0 only (training's wrap broadcasts)
             sync_params_buffers(self.model, fuse_params=False)
 
@@ -196,7 +203,17 @@ class GLMTrainer(Trainer):
                 )
 
     def _save(self, output_dir=None, state_dict=None, merge_tensor_parallel=False):
-        super()._save(output_dir, state_dict, merge_tensor_parallel)
+        if isinstance(self.model, PromptTunedModel):
+            # PaddleNLP saves a model that is not a PretrainedModel as one state dict: a frozen base's
+            # weights in every checkpoint. The prompt saves itself (and the backbone when it trains).
+            output_dir = output_dir or self.args.output_dir
+            if self.args.should_save:
+                self.model.save_pretrained(output_dir)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(output_dir)
+                paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        else:
+            super()._save(output_dir, state_dict, merge_tensor_parallel)
         if self.base_fingerprint is not None and self.args.should_save:
             write_json_atomic(os.path.join(output_dir or self.args.output_dir, BASE_FINGERPRINT), self.base_fingerprint)
 
