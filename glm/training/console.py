@@ -5,6 +5,7 @@ vs the trained model's scores, and where the files are (glm.cli.console prints t
 import os
 from typing import Dict, Iterable, List, Optional
 
+import paddle
 from paddlenlp.trainer.trainer_callback import ProgressCallback
 
 from ..checkpoint import has_weights
@@ -53,6 +54,11 @@ def describe_model(model_args, model) -> str:
     return text
 
 
+def running_device() -> str:
+    """Where the run computes: `--device gpu` (the built-in default) on a machine without one runs on the CPU."""
+    return paddle.device.get_device().split(":")[0]
+
+
 def print_header(trainer, checkpoint, about: Dict[str, str]):
     """What runs, after the recipe line: the task's lines, the schedule, the output directory."""
     args = trainer.args
@@ -66,7 +72,7 @@ def print_header(trainer, checkpoint, about: Dict[str, str]):
             resumed = f", finishing from {shown(checkpoint)} (its steps are all trained)"
         say(
             f"train    {steps} steps of {batch} rows ({steps / trainer.steps_per_epoch():.3g} epochs), learning rate "
-            f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {args.device}"
+            f"{args.learning_rate:g}, {args.world_size} process{'es' if args.world_size > 1 else ''} on {running_device()}"
             + resumed
         )
     say(f"output   {shown(args.output_dir)}")
