@@ -1,6 +1,7 @@
 """Serve a GLM checkpoint over HTTP: OpenAI's /v1/completions, GLM's /fill and /score, a page at /.
 
-    python server.py --model_name_or_path CKPT [--lora_path A] [--host 127.0.0.1] [--port 8000]
+    python server.py --model_name_or_path CKPT [--lora_path A | --prefix_path P] [--prefixes NAME=DIR ...]
+                     [--host 127.0.0.1] [--port 8000]
 
 Loading, adapter verification and the decoding defaults are predict_generation.py's (its flags; those not
 given from the checkpoint's generation_settings.json, then the built-ins); a request's own settings go
@@ -26,6 +27,7 @@ from glm.cli.process import command
 from glm.errors import UserError
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, load_predictor, resolve_settings
+from glm.prefix import load_prefix
 from glm.serving.app import ServeOptions, create_app
 from glm.serving.middleware import HeaderTimeout
 
@@ -54,6 +56,9 @@ class ServeArguments:
                                                 "while the server listens on a loopback address (DNS rebinding)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (then 413)."})
     header_timeout: float = field(default=10.0, metadata={"help": "Seconds a connection may take to send a request's head."})
+    prefixes: List[str] = field(
+        default_factory=list, metadata={"help": "More models over the same base, NAME=DIR each: a P-tuning v2 prefix "
+                                                "(--prefix_tuning's output) served as model NAME (a request's `model`)."})
 
 
 def parse_arguments(argv):
@@ -72,6 +77,21 @@ def parse_arguments(argv):
     check_flag("max_request_rows", serve_args.max_request_rows, COUNT, high=serve_args.max_batch_rows,
                high_is="--max_batch_rows: a request never runs alone past the batch")
     return model_args, generation_args, serve_args, console_args
+
+
+def load_named_prefixes(specs: List[str], predictor, base_path: str, model_name: str, model_args) -> dict:
+    """{name: GLMPrefixModel} of --prefixes NAME=DIR ..., each verified against the base (as --prefix_path is)."""
+    if specs and model_args.lora_path:
+        raise UserError("--prefixes with --lora_path: a prefix is trained on the base, not on the base and an adapter")
+    prefixes = {}
+    for spec in specs:
+        name, _, directory = spec.partition("=")
+        if not name or not directory:
+            raise UserError(f"--prefixes {spec}: give NAME=DIR")
+        if name == model_name or name in prefixes:
+            raise UserError(f"--prefixes {spec}: the name {name!r} is served already")
+        prefixes[name] = load_prefix(predictor.generator.runner.model, directory, base_path, model_args.force)
+    return prefixes
 
 
 def is_loopback(host: str) -> bool:
@@ -114,20 +134,22 @@ def main(argv=None):
         model_args, generation_args, serve_args, console_args = parse_arguments(sys.argv[1:] if argv is None else argv)
         predictor = load_predictor(model_args, generation_args, DEFAULT_MODEL, batch_size=1)
         path = model_args.model_path(DEFAULT_MODEL)
+        model_name = serve_args.served_model_name or os.path.basename(os.path.normpath(path))
+        prefixes = load_named_prefixes(serve_args.prefixes, predictor, path, model_name, model_args)
         options = ServeOptions(
-            model_name=serve_args.served_model_name or os.path.basename(os.path.normpath(path)),
+            model_name=model_name,
             api_key=serve_args.api_key, max_body_bytes=serve_args.max_body_bytes, max_queue=serve_args.max_queue,
             max_rows=serve_args.max_batch_rows, max_request_rows=serve_args.max_request_rows,
             request_timeout=serve_args.request_timeout,
             allowed_hosts=serve_args.allowed_hosts if is_loopback(serve_args.host) else None,
         )  # fmt: skip
         sock = listening_socket(serve_args.host, serve_args.port)
-    app = create_app(predictor, generation_args, options)
+    app = create_app(predictor, generation_args, options, prefixes)
     HeaderTimeout.seconds = serve_args.header_timeout
     config = uvicorn.Config(app, log_level=console_args.log_level, access_log=console_args.log_level in ("debug", "info"),
                             timeout_graceful_shutdown=serve_args.drain_seconds, http=HeaderTimeout)  # fmt: skip
     host, port = sock.getsockname()[:2]
-    say(f"serving {options.model_name} on http://{host if ':' not in host else f'[{host}]'}:{port}"
+    say(f"serving {', '.join([options.model_name, *prefixes])} on http://{host if ':' not in host else f'[{host}]'}:{port}"
         + (" (API key required)" if options.api_key else ""))
     # uvicorn re-raises the signal it stopped on once it has drained; with these handlers that is a no-op,
     # so a drained shutdown exits 0.

@@ -2,9 +2,12 @@
 fingerprint; the saved prefix loads to the model the run ended with; a resumed run ends as the whole run;
 predict, evaluate and the cloze and pretraining tasks take it; a prefix on another base is refused."""
 
+import concurrent.futures
 import hashlib
 import json
 import os
+
+import httpx
 
 import numpy as np
 import paddle
@@ -16,7 +19,7 @@ import evaluate
 import finetune_cloze
 from glm.generation import GenerationConfig, GLMGenerator
 from glm.loading import load_model_and_tokenizer
-from glm.prefix import GLMPrefixModel
+from glm.prefix import GLMPrefixModel, load_prefix
 from glm.tokenization import special_token_ids
 
 PREFIX = ("--prefix_tuning", "true", "--num_prefix_tokens", "4", "--learning_rate", "3e-2")
@@ -191,5 +194,25 @@ def test_the_server_answers_with_the_prefix_as_predict_and_evaluate_do(projected
             assert got["choices"][0]["text"] == (expected.get("filled") or expected["prediction"])
         got = server.post("/score", {"context": row["inputs_pretokenized"], "choices": row["choices_pretokenized"]}).json()
         assert [round(s, 6) for s in got["scores"]] == scored["scores"]
+    finally:
+        server.stop()
+    # The base and the prefix as two served models (server.py --prefixes ads=DIR), requested side by side.
+    predict_generation.main(["--model_name_or_path", micro_weights_model, "--data_file", str(tmp_path / "p.json"),
+                             "--output_file", str(tmp_path / "base.jsonl"), "--src_length", "40", "--tgt_length", "12",
+                             "--num_beams", "2", "--min_tgt_length", "2"])  # fmt: skip
+    base_rows = [json.loads(line) for line in (tmp_path / "base.jsonl").read_text(encoding="utf-8").splitlines()]
+    server = Served(micro_weights_model, prefixes={"ads": load_prefix(load_model_and_tokenizer(micro_weights_model)[0],
+                                                                      str(output), micro_weights_model)})
+    try:
+        assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["micro", "ads"]
+        work = [(model, prompt) for model in ("ads", "micro") for prompt in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(work)) as pool:
+            answers = list(pool.map(lambda w: server.post("/v1/completions", {"model": w[0], "prompt": w[1], "max_tokens": 12}).json(), work))
+        for (model, _), answer, expected in zip(work, answers, rows + base_rows):
+            assert answer["model"] == model
+            assert answer["choices"][0]["text"] == (expected.get("filled") or expected["prediction"])
+        got = server.post("/score", {"model": "ads", "context": row["inputs_pretokenized"], "choices": row["choices_pretokenized"]}).json()
+        assert [round(s, 6) for s in got["scores"]] == scored["scores"]
+        assert server.post("/fill", {"model": "other", "text": "x[MASK]"}).status_code == 404
     finally:
         server.stop()

@@ -47,9 +47,10 @@ def load_predictor(model, prefix_path=None):
 class Served:
     """An app on uvicorn in a thread, on 127.0.0.1 and a free port."""
 
-    def __init__(self, model, prefix_path=None, **options):
+    def __init__(self, model, prefix_path=None, prefixes=None, **options):
         self.predictor = load_predictor(model, prefix_path)
-        self.app = create_app(self.predictor, GenerationArguments(**DEFAULTS), ServeOptions(model_name="micro", **options))
+        self.app = create_app(self.predictor, GenerationArguments(**DEFAULTS), ServeOptions(model_name="micro", **options),
+                              prefixes)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -20,9 +20,11 @@ from .state import Overloaded, ServeOptions, ServingState
 __all__ = ["ServeOptions", "create_app"]
 
 
-def create_app(predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions) -> FastAPI:
-    """The server of `predictor`, its decoding defaults `generation_args` (what a request does not set)."""
-    state = ServingState(predictor, generation_args, options)
+def create_app(predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions,
+               prefixes=None) -> FastAPI:
+    """The server of `predictor`, its decoding defaults `generation_args` (what a request does not set), and
+    of `prefixes` ({name: GLMPrefixModel} over the same base, server.py --prefixes)."""
+    state = ServingState(predictor, generation_args, options, prefixes)
 
     @asynccontextmanager
     async def lifespan(app):

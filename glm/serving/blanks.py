@@ -27,7 +27,7 @@ async def fill(body: FillRequest, request: Request, state: ServingState = Depend
     """Every blank of `text` answered left to right: predict's `prediction` (and `predictions` with
     several answers), the filled text and each blank's answers. Streamed: `{"blank", "text"}` pieces of
     the first answer, then the whole result."""
-    generation = await state.start_generation([body.text], "text", body)
+    generation = await state.start_generation([body.text], "text", body, state.check_model(body.model))
     if body.stream:
         return StreamingResponse(stream_fill(state, generation, body.text, request), media_type="text/event-stream")
     watcher = watch_disconnect(request, generation)
@@ -86,6 +86,7 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
     """The choices' scores (summed log-probabilities at the blank) and the best one, as `evaluate.py --task
     multiple_choice` scores them: GLMForMultipleChoice on the served weights."""
     state.check_accepting()
+    model = state.check_model(body.model)
     check_texts("context", [body.context])
     check_texts("choices", body.choices)
     if len(body.choices) > MAX_CHOICES:
@@ -112,7 +113,7 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
 
     pad = state.builder.ids.pad
     try:  # in the engine's bounded queue, as a completion waits
-        state.engine.run_exclusive(lambda: score_examples(state.choice_head(), [example], 1, pad)[0], scored)
+        state.engine.run_exclusive(lambda: score_examples(state.choice_head(model), [example], 1, pad)[0], scored)
     except QueueFull as full:
         raise Overloaded(str(full)) from None
     scores = await done

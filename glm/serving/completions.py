@@ -63,15 +63,14 @@ class Choices:
 
 @router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def models(state: ServingState = Depends(serving)):
-    return {"object": "list", "data": [{"id": state.options.model_name, "object": "model", "created": 0,
-                                        "owned_by": "glm-paddle"}]}  # fmt: skip
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "glm-paddle"}
+                                       for name in state.model_names()]}  # fmt: skip
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: ServingState = Depends(serving)):
     options = state.options
-    if body.model is not None and body.model != options.model_name:
-        raise RequestError("model", f"{body.model!r} is not served here (GET /v1/models: {options.model_name!r})", 404)
+    model = state.check_model(body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not 1 <= len(prompts) <= MAX_PROMPTS:
         raise RequestError("prompt", f"give 1 to {MAX_PROMPTS} prompts; got {len(prompts)}")
@@ -81,10 +80,10 @@ async def completions(body: CompletionRequest, request: Request, state: ServingS
     if sum(map(len, stops)) > MAX_STOP_CHARACTERS:
         raise RequestError("stop", f"at most {MAX_STOP_CHARACTERS} characters in all; got {sum(map(len, stops))}")
     check_texts("stop", stops)
-    generation = await state.start_generation(prompts, "prompt", body)
+    generation = await state.start_generation(prompts, "prompt", body, model)
     choices = Choices(prompts, generation, stops)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": options.model_name}  # fmt: skip
+            "model": model}  # fmt: skip
     usage_prompt = sum(len(source.ids) for source in generation.sources)
     if body.stream:
         return StreamingResponse(stream_completion(state, generation, choices, head, request),

@@ -40,7 +40,7 @@ from ..decoding_cache import DecodingBatch
 from ..generation import GenerationConfig, GLMGenerator, rows_per_source
 from ..model_runner import ModelRunner
 
-__all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull"]
+__all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull", "ENGINE_PREFIX"]
 
 
 class Cancelled(Exception):

@@ -55,12 +55,14 @@ class CompletionRequest(DecodingFields):
 
 
 class FillRequest(DecodingFields):
+    model: Optional[str] = None
     text: str
     stream: bool = False
 
 
 class ScoreRequest(BaseModel):
     model_config = _STRICT
+    model: Optional[str] = None
     context: str
     choices: List[str] = Field(min_length=2)
 

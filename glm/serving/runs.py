@@ -9,7 +9,7 @@ import time
 from typing import List, Optional, Sequence
 
 from ..generation import GenerationConfig
-from .engine import Engine, Source, SourceListener
+from .engine import ENGINE_PREFIX, Engine, Source, SourceListener
 from .text import AnswerText
 
 __all__ = ["Generation", "Ended", "Outbox"]
@@ -82,14 +82,14 @@ class Generation:
     stop strings were met), which is done."""
 
     def __init__(self, engine: Engine, sources: Sequence[List[int]], config: GenerationConfig, decode, pad: int,
-                 time_limit: float, outbox: Outbox):
+                 time_limit: float, outbox: Outbox, prefix=ENGINE_PREFIX):
         self.engine, self.config, self.decode, self.pad, self.outbox = engine, config, decode, pad, outbox
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.monotonic()
         self.first_piece: Optional[float] = None  # when the first text (or beam answer) arrived
         deadline = self.started + time_limit
         self.sources = [
-            Source(ids, config, _Listener(self, index, config), deadline) for index, ids in enumerate(sources)
+            Source(ids, config, _Listener(self, index, config), deadline, prefix=prefix) for index, ids in enumerate(sources)
         ]
         # per source, per copy: the text of the blank being answered, as its tokens arrive (greedy and sampling)
         self.answers = [self._new_answers() for _ in sources]

@@ -5,7 +5,7 @@ per app, at `app.state.serving`; an endpoint gets it with `Depends(serving)`."""
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +15,7 @@ from ..errors import RequestError
 from ..generation_settings import GenerationArguments
 from ..modeling import GLMForMultipleChoice
 from ..prediction import Predictor
-from .engine import Engine, QueueFull
+from .engine import ENGINE_PREFIX, Engine, QueueFull
 from .metrics import ServerMetrics
 from ..generation import rows_per_source
 from .protocol import check_texts, decoding_config
@@ -42,14 +42,18 @@ class Overloaded(Exception):
 
 
 class ServingState:
-    def __init__(self, predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions):
+    def __init__(self, predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions,
+                 prefixes: Optional[Dict[str, object]] = None):
+        """`prefixes`: more models served over the same base, {name: GLMPrefixModel} (server.py --prefixes),
+        chosen by a request's `model`; their requests decode in the same steps as the base's."""
         self.predictor, self.generation_args, self.options = predictor, generation_args, options
+        self.prefixes = dict(prefixes or {})
         self.generator, self.builder, self.tokenizer = predictor.generator, predictor.builder, predictor.tokenizer
         self.engine = Engine(self.generator, options.max_rows, options.max_queue)
         self.metrics = ServerMetrics(self.engine)
         self.engine.on_step = self.metrics.step_rows.observe
         self.accepting = False
-        self._choice_head = None
+        self._choice_heads = {}  # per served model name
         self.outbox: Optional[Outbox] = None  # made on the event loop, at start
 
 
@@ -87,9 +91,25 @@ class ServingState:
             sources.append(ids)
         return sources
 
-    async def start_generation(self, texts: List[str], field: str, body) -> Generation:
+    def model_names(self) -> List[str]:
+        return [self.options.model_name, *self.prefixes]
+
+    def check_model(self, name: Optional[str]) -> str:
+        """The served model a request's `model` names (None: the server's own); 404 for any other."""
+        if name is None or name == self.options.model_name:
+            return self.options.model_name
+        if name in self.prefixes:
+            return name
+        served = ", ".join(repr(n) for n in self.model_names())
+        raise RequestError("model", f"{name!r} is not served here (GET /v1/models: {served})", 404)
+
+    def prefix_of(self, name: str):
+        """The engine Source's `prefix` for served model `name`."""
+        return self.prefixes[name] if name in self.prefixes else ENGINE_PREFIX
+
+    async def start_generation(self, texts: List[str], field: str, body, model: Optional[str] = None) -> Generation:
         """The request's sources submitted to the engine, decoded with the request's settings over the
-        server's."""
+        server's, by served model `model` (default the server's own)."""
         self.check_accepting()
         check_texts(field, texts)
         config = decoding_config(body, self.generation_args, self.predictor.config.tgt_length, self.generator.max_positions,
@@ -97,7 +117,8 @@ class ServingState:
         self.check_rows(len(texts), config, body)
         sources = await run_in_threadpool(self.built_sources, texts, field)
         generation = Generation(self.engine, sources, config, lambda tokens: self.tokenizer.decode(tokens),
-                                self.builder.ids.pad, self.options.request_timeout, self.outbox)  # fmt: skip
+                                self.builder.ids.pad, self.options.request_timeout, self.outbox,
+                                self.prefix_of(model or self.options.model_name))  # fmt: skip
         try:
             generation.submit()
         except QueueFull as full:
@@ -121,17 +142,19 @@ class ServingState:
         self.metrics.tokens.inc(tokens)
         self.metrics.ttft.observe((generation.first_piece or time.monotonic()) - generation.started)
 
-    def choice_head(self):
-        """GLMForMultipleChoice on the served backbone (and its adapter or prefix), made once on the engine's thread.
-        It is built on a one-layer stand-in config, so the only weights it holds are the served ones."""
-        if self._choice_head is None:
+    def choice_head(self, model: Optional[str] = None):
+        """GLMForMultipleChoice on the served backbone (and its adapter or prefix; that of served model `model`),
+        made once per model on the engine's thread. It is built on a one-layer stand-in config, so the only
+        weights it holds are the served ones."""
+        model = model or self.options.model_name
+        if model not in self._choice_heads:
             head = GLMForMultipleChoice(GLMConfig(num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=8,
                                                   max_sequence_length=8))  # fmt: skip
             head.glm, head.config = self.generator.model.glm, self.generator.model.config
             head.eval()  # score_examples restores the mode it found: training would switch dropout on in the backbone
-            prefix = self.generator.runner.prefix
-            self._choice_head = prefix.over(head) if prefix is not None else head
-        return self._choice_head
+            prefix = self.prefixes.get(model, self.generator.runner.prefix)
+            self._choice_heads[model] = prefix.over(head) if prefix is not None else head
+        return self._choice_heads[model]
 
 
 def serving(request: Request) -> ServingState:
