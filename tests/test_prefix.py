@@ -162,3 +162,23 @@ def test_the_engine_steps_sources_with_and_without_a_prefix_together(prefixed_pa
         engine.run_once()
     assert [listener.result for listener in listeners] == expected
     assert max(rows) > 2 * 5  # the sources shared steps
+
+
+def test_recompute_gives_the_prefix_the_same_gradients():
+    paddle.seed(3)
+    base = glm.GLMForConditionalGeneration(glm.GLMConfig(**tiny_config_kwargs()))
+    prefixed = apply_prefix(base, 4, projection=True)
+    prefixed.train()
+    inputs = dict(input_ids=paddle.to_tensor([[1, 5, 6, 7, 8, 9, 2, 3]]), attention_mask=paddle.to_tensor([6]),
+                  position_ids=paddle.to_tensor([[[0, 1, 2, 3, 4, 5, 6, 6], [0, 0, 0, 0, 0, 0, 1, 2]]]),
+                  labels=paddle.to_tensor([[0, 0, 0, 0, 0, 0, 10, 11]]), loss_mask=paddle.to_tensor([[0, 0, 0, 0, 0, 0, 1, 1]]))
+    gradients = []
+    for recompute in (False, True):
+        base.glm.transformer.enable_recompute = recompute
+        prefixed.clear_gradients()
+        prefixed(**inputs, return_dict=False)[0].backward()
+        gradients.append({name: p.grad.numpy().copy() for name, p in prefixed.prefix_encoder.named_parameters()})
+        assert all(p.grad is None for p in base.parameters())  # the base is frozen
+    for name, gradient in gradients[0].items():
+        assert np.abs(gradient).max() > 0
+        np.testing.assert_array_equal(gradient, gradients[1][name], err_msg=name)
