@@ -11,6 +11,7 @@ only keys j < sep or j <= i, so padding (always after every real token) is never
 positions carry no loss.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -22,10 +23,11 @@ from .tokenization import GLMSpecialIds, encode_text, special_token_ids
 
 __all__ = [
     "MASK_TOKENS", "GLMInputBuilder", "GLMExample", "collate_examples", "IGNORE_INDEX",
-    "MultipleChoiceBuilder", "MultipleChoiceExample", "collate_multiple_choice", "PROMPT_PLACEMENTS",
+    "MultipleChoiceBuilder", "MultipleChoiceExample", "collate_multiple_choice", "PROMPT_PLACEMENTS", "BLANK",
 ]
 
 MASK_TOKENS = ("[gMASK]", "[MASK]", "[sMASK]")
+BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))  # a blank in text, before tokenization
 PROMPT_PLACEMENTS = ("split", "start", "blank")  # where P-tuning's prompt tokens go (MultipleChoiceBuilder)
 IGNORE_INDEX = -100  # label of positions outside the loss
 

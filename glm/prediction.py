@@ -4,7 +4,6 @@ decodes it, and the flags that choose the checkpoint (their defaults from its ge
 """
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -16,7 +15,7 @@ from .cli.console import say, shown
 from .errors import CheckpointError, UserError
 from .generation import GLMGenerator, default_banned_ids, generate_answers, rows_per_source
 from .generation_settings import GenerationArguments, apply_checkpoint_settings, describe_decoding, fit_to_model
-from .inputs import MASK_TOKENS, GLMInputBuilder
+from .inputs import BLANK, GLMInputBuilder
 from .loading import load_model_and_tokenizer
 from .memory.estimate import DecodingLoad
 from .memory.measure import current_memory_bytes, on_gpu
@@ -28,7 +27,6 @@ __all__ = [
     "EMBEDDED_DEFAULT_MODEL",
 ]  # fmt: skip
 
-BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 # In the checkout: where finetune_generation.py writes the embedded default, and where predict_generation.py
 # and server.py look for it without --model_name_or_path.
 EMBEDDED_DEFAULT_MODEL = os.path.join("checkpoints", "glm-tiny-chinese")

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import paddle
 import pytest
 from conftest import ROOT, tiny_config_kwargs
 from test_finetune import micro_data, micro_model, run  # noqa: F401  (fixtures)

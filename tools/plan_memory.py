@@ -15,7 +15,6 @@ is glm/memory/estimate.py's; bench/memory.py measures it.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile

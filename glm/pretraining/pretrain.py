@@ -7,7 +7,6 @@ flags out of range, a corpus smaller than one window.
 """
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Dict, Optional, Tuple
 

@@ -9,7 +9,6 @@ line `FILE:LINE: what is wrong` (a DataError), or with `skip_bad_rows` is droppe
 """
 
 import math
-import re
 import unicodedata
 from typing import Callable, List, Optional
 
@@ -17,13 +16,12 @@ import paddle
 from paddlenlp.utils.log import logger
 
 from ..errors import DataError
-from ..inputs import MASK_TOKENS, MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
+from ..inputs import BLANK, MultipleChoiceBuilder, MultipleChoiceExample, collate_multiple_choice
 from ..jsonl import read_json_lines
 
 __all__ = ["read_choice_rows", "build_choice_examples", "score_examples", "choice_metrics", "prediction_rows"]
 
 CONTEXT, CHOICES, LABEL = "inputs_pretokenized", "choices_pretokenized", "label"
-BLANK = re.compile("|".join(re.escape(token) for token in MASK_TOKENS))
 
 
 def read_choice_rows(path: str, need_label: bool = True, skip_bad_rows: bool = False) -> List[dict]:
