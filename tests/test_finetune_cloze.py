@@ -136,3 +136,12 @@ def test_cloze_recipes_parse(recipe):
         [os.path.join(ROOT, "configs", recipe), "--output_dir", "unused"]
     )
     assert training_args.do_train and training_args.do_eval and data_args.src_length <= 256
+
+
+@pytest.mark.parametrize("flag", [["--evaluation_strategy", "no"], ["--evaluation_strategy=no"]])
+def test_evaluation_strategy_no_means_one_evaluation_at_the_end(flag, capsys):
+    # PaddleNLP turns `no` with do_eval into an evaluation every logging_steps (1000 rows scored every 4 steps).
+    _, _, _, training_args = finetune_cloze.parse_cloze_arguments(
+        [os.path.join(ROOT, "configs", "real-sentiment-cloze-500.json"), "--output_dir", "unused", *flag])
+    assert str(training_args.evaluation_strategy.value) == "no" and training_args.do_eval
+    assert "evaluation_strategy reset" not in capsys.readouterr().err

@@ -129,7 +129,9 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
     parser.show_recipe(shown_recipe)
     line = command_line(argv, default_argv, parser)
     configure_logging(line.argv)
-    evaluation_at_end = not any(arg.split("=")[0] == "--evaluation_strategy" for arg in line.argv)
+    # No --evaluation_strategy, or `no` (which PaddleNLP turns into `steps` when do_eval is set): one evaluation
+    # at the end.
+    evaluation_at_end = flag_value(line.argv, "evaluation_strategy") in (None, "no")
     # PaddleNLP turns do_eval into an evaluation every logging_steps, with a warning; here do_eval means
     # one evaluation at the end (it decodes or scores the whole dev set, which costs far more than a loss
     # pass), so that warning would contradict what runs.
@@ -165,6 +167,17 @@ def parse_arguments(dataclass_types: Sequence[type], argv, default_argv, default
     if training_args.should_log:
         say(f"recipe   {source}" + (f" + {' '.join(line.user_flags)}" if line.user_flags else ""))
     return ParsedArguments(parsed, given, line.recipe, line.argv)
+
+
+def flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """The last value `argv` gives flag --`name` (`--name value` or `--name=value`), None if it does not."""
+    value = None
+    for index, arg in enumerate(argv):
+        if arg == f"--{name}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def model_defaults(parsed, given, lengths: Sequence[str], checkpoint_settings: bool) -> str:
