@@ -201,8 +201,7 @@ def cloze(args, model_dir, data, output, learning_rate=None, seed=None):
     if not os.path.exists(os.path.join(output, "eval_results.json")):
         flags = ["--do_train", "false"] if learning_rate is None else ["--learning_rate", str(learning_rate), "--seed", str(seed)]
         if learning_rate is not None and not args.eval_every_epoch:
-            # Not --evaluation_strategy no: with do_eval PaddleNLP turns that into steps (every logging_steps).
-            flags += ["--evaluation_strategy", "steps", "--eval_steps", "1000000", "--save_strategy", "no"]
+            flags += ["--evaluation_strategy", "no", "--save_strategy", "no"]  # one evaluation, at the end
         python("finetune_cloze.py", os.path.join("configs", "real-sentiment-cloze-500.json"), "--model_name_or_path",
                model_dir, "--dataset_name_or_path", data, "--output_dir", output, "--overwrite_output_dir",
                "--disable_tqdm", "true", *flags)  # fmt: skip
