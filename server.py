@@ -28,7 +28,9 @@ from glm.errors import UserError
 from glm.generation_settings import GENERATION_SETTINGS, GenerationArguments
 from glm.prediction import EMBEDDED_DEFAULT_MODEL, CheckpointArguments, load_predictor, resolve_settings
 from glm.prefix import load_prefix
+from glm.ptuning import checked_prompt_config, has_prompt
 from glm.serving.app import ServeOptions, create_app
+from glm.serving.state import ServedPrompt
 from glm.serving.middleware import HeaderTimeout
 
 API_KEY_VARIABLE = "GLM_API_KEY"
@@ -56,6 +58,10 @@ class ServeArguments:
                                                 "while the server listens on a loopback address (DNS rebinding)."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body accepted (then 413)."})
     header_timeout: float = field(default=10.0, metadata={"help": "Seconds a connection may take to send a request's head."})
+    prompt_path: Optional[str] = field(
+        default=None, metadata={"help": "/score only: a THUDM P-tuning prompt (finetune_cloze.py --ptuning --freeze_backbone's "
+                                        "output) for this base; a --ptuning checkpoint that trained its whole model "
+                                        "carries its own, applied by itself."})
     prefixes: List[str] = field(
         default_factory=list, metadata={"help": "More models over the same base, NAME=DIR each: a P-tuning v2 prefix "
                                                 "(--prefix_tuning's output) served as model NAME (a request's `model`)."})
@@ -81,8 +87,10 @@ def parse_arguments(argv):
 
 def load_named_prefixes(specs: List[str], predictor, base_path: str, model_name: str, model_args) -> dict:
     """{name: GLMPrefixModel} of --prefixes NAME=DIR ..., each verified against the base (as --prefix_path is)."""
-    if specs and model_args.lora_path:
-        raise UserError("--prefixes with --lora_path: a prefix is trained on the base, not on the base and an adapter")
+    if specs and (model_args.lora_path or model_args.prefix_path):
+        flag = "--lora_path" if model_args.lora_path else "--prefix_path"
+        raise UserError(f"--prefixes with {flag}: a prefix is trained on the base alone; serve the base and each "
+                        "prefix by name (--prefixes NAME=DIR ...)")
     prefixes = {}
     for spec in specs:
         name, _, directory = spec.partition("=")
@@ -92,6 +100,18 @@ def load_named_prefixes(specs: List[str], predictor, base_path: str, model_name:
             raise UserError(f"--prefixes {spec}: the name {name!r} is served already")
         prefixes[name] = load_prefix(predictor.generator.runner.model, directory, base_path, model_args.force)
     return prefixes
+
+
+def served_prompt(prompt_path: Optional[str], base_path: str, predictor, model_args) -> Optional[ServedPrompt]:
+    """The P-tuning prompt /score applies: --prompt_path (checked against the base), or the checkpoint's own."""
+    if prompt_path and (model_args.lora_path or model_args.prefix_path):
+        raise UserError("--prompt_path with --lora_path or --prefix_path: a prompt is trained on the base alone")
+    if prompt_path:
+        return ServedPrompt(prompt_path, checked_prompt_config(prompt_path, predictor.generator.model.config, base_path,
+                                                               model_args.force), base_path, model_args.force)
+    if has_prompt(base_path):  # a --ptuning run that trained its whole model: its prompt is part of it
+        return ServedPrompt(base_path, checked_prompt_config(base_path, predictor.generator.model.config), None)
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -136,6 +156,7 @@ def main(argv=None):
         path = model_args.model_path(DEFAULT_MODEL)
         model_name = serve_args.served_model_name or os.path.basename(os.path.normpath(path))
         prefixes = load_named_prefixes(serve_args.prefixes, predictor, path, model_name, model_args)
+        prompt = served_prompt(serve_args.prompt_path, path, predictor, model_args)
         options = ServeOptions(
             model_name=model_name,
             api_key=serve_args.api_key, max_body_bytes=serve_args.max_body_bytes, max_queue=serve_args.max_queue,
@@ -144,7 +165,7 @@ def main(argv=None):
             allowed_hosts=serve_args.allowed_hosts if is_loopback(serve_args.host) else None,
         )  # fmt: skip
         sock = listening_socket(serve_args.host, serve_args.port)
-    app = create_app(predictor, generation_args, options, prefixes)
+    app = create_app(predictor, generation_args, options, prefixes, prompt)
     HeaderTimeout.seconds = serve_args.header_timeout
     config = uvicorn.Config(app, log_level=console_args.log_level, access_log=console_args.log_level in ("debug", "info"),
                             timeout_graceful_shutdown=serve_args.drain_seconds, http=HeaderTimeout)  # fmt: skip

@@ -43,6 +43,12 @@ def check_model_path(path: str):
             f"{path}: no such model directory (or give one of PaddleNLP's names: {', '.join(BUILTIN_CHECKPOINTS)})"
         )
     if not os.path.exists(os.path.join(path, "config.json")):
+        for marker, what, flag in (("lora_config.json", "a LoRA adapter", "--lora_path"),
+                                   ("prefix_config.json", "a P-tuning v2 prefix", "--prefix_path"),
+                                   ("prompt_config.json", "a P-tuning prompt", "--prompt_path")):  # fmt: skip
+            if os.path.exists(os.path.join(path, marker)):
+                raise CheckpointError(f"{path} holds {what}, not a model: give its base as --model_name_or_path and "
+                                      f"{path} as {flag}")
         raise CheckpointError(f"{path}: no config.json, so this is not a GLM checkpoint directory")
 
 

@@ -22,7 +22,7 @@ from paddlenlp.peft import LoRAConfig, LoRAModel
 from paddlenlp.peft.lora.lora_model import LORA_WEIGHTS_NAME
 from paddlenlp.utils.log import logger
 
-from .checkpoint import weights_sha256
+from .checkpoint import has_weights, weights_sha256
 from .configuration import BUILTIN_CHECKPOINTS
 from .errors import AdapterError
 
@@ -97,7 +97,7 @@ def check_recorded_base(lora_path: str, base_path: Optional[str], config, force:
     else:
         logger.warning(f"{lora_path} records no base ({BASE_FINGERPRINT}): only its shapes can be checked")
         return
-    differing = [f"{name} {recorded['config'].get(name)} (adapter's base) vs {getattr(config, name)} (this base)"
+    differing = [f"{name} {recorded['config'].get(name)} (the {kind}'s base) vs {getattr(config, name)} (this base)"
                  for name in SHAPE_FIELDS if recorded["config"].get(name) != getattr(config, name)]  # fmt: skip
     if differing:
         raise AdapterError(f"{kind} {lora_path} was trained on a different GLM: {', '.join(differing)}")
@@ -105,7 +105,8 @@ def check_recorded_base(lora_path: str, base_path: Optional[str], config, force:
         return
     if recorded == base_fingerprint(base_path, config):
         return
-    message = f"{kind} {lora_path} was trained on another base than {base_path} (same shapes, other weights)"
+    weights = "it holds no weights: a random init" if os.path.isdir(base_path) and not has_weights(base_path) else "other weights"
+    message = f"{kind} {lora_path} was trained on another base than {base_path} (same shapes; {weights})"
     if not force:
         raise AdapterError(f"{message}; --force applies it anyway")
     logger.warning(f"{message}; applying it anyway (--force)")

@@ -160,6 +160,8 @@ def _check_prefix_fits(prefix_path: str, model):
 def load_prefix(model, prefix_path: str, base_path: Optional[str] = None, force: bool = False) -> GLMPrefixModel:
     """`model` with the prefix saved in `prefix_path`, refused (AdapterError) when a file is missing, a shape
     does not fit, or the recorded base is not `base_path` (unless `force`)."""
+    if not os.path.isdir(prefix_path):
+        raise AdapterError(f"{prefix_path}: no such prefix directory")
     for required in (PREFIX_CONFIG_NAME, PREFIX_WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(prefix_path, required)):
             raise AdapterError(f"{prefix_path}: no {required} (expected a prefix directory: prefix_config.json and "

@@ -22,7 +22,8 @@ from .errors import AdapterError
 from .lora import BASE_FINGERPRINT, check_recorded_base
 
 __all__ = ["PROMPT_ENCODERS", "PROMPT_CONFIG", "PROMPT_WEIGHTS", "PromptConfig", "PromptSpell", "PromptTunedModel",
-           "load_prompt", "has_prompt", "prompt_parameters"]
+           "load_prompt", "has_prompt", "prompt_parameters",
+           "checked_prompt_config"]
 
 PROMPT_ENCODERS = ("lstm", "mlp", "none")
 PROMPT_CONFIG = "prompt_config.json"
@@ -135,24 +136,32 @@ def has_prompt(directory: Optional[str]) -> bool:
     return bool(directory) and os.path.isfile(os.path.join(directory, PROMPT_CONFIG))
 
 
-def load_prompt(model, prompt_path: str, base_path: Optional[str] = None, force: bool = False) -> PromptTunedModel:
-    """`model` (a GLMForMultipleChoice) with the P-tuning prompt saved in `prompt_path`, refused (AdapterError)
-    when a file is missing, its shapes do not fit, or (a prompt trained on a frozen base) the recorded base is
-    not `base_path` (unless `force`)."""
+def checked_prompt_config(prompt_path: str, model_config, base_path: Optional[str] = None, force: bool = False) -> PromptConfig:
+    """The PromptConfig saved in `prompt_path`, refused (AdapterError) as `load_prompt` says."""
+    if not os.path.isdir(prompt_path):
+        raise AdapterError(f"{prompt_path}: no such prompt directory")
     for required in (PROMPT_CONFIG, PROMPT_WEIGHTS):
         if not os.path.isfile(os.path.join(prompt_path, required)):
             raise AdapterError(f"{prompt_path}: no {required} (expected a P-tuning prompt, as finetune_cloze.py "
                                "--ptuning writes)")
     with open(os.path.join(prompt_path, PROMPT_CONFIG), encoding="utf-8") as f:
         config = PromptConfig(**json.load(f))
-    if config.hidden_size != model.config.hidden_size:
+    if config.hidden_size != model_config.hidden_size:
         raise AdapterError(f"prompt {prompt_path} was trained on a GLM of hidden size {config.hidden_size}, "
-                           f"this base has {model.config.hidden_size}")
+                           f"this base has {model_config.hidden_size}")
     if config.frozen_backbone:
-        check_recorded_base(prompt_path, base_path, model.config, force, kind="prompt")
+        check_recorded_base(prompt_path, base_path, model_config, force, kind="prompt")
     elif base_path is not None and os.path.abspath(base_path) != os.path.abspath(prompt_path) and not force:
         raise AdapterError(f"prompt {prompt_path} was trained with its whole model (no --freeze_backbone): load "
                            f"that directory as the model (--model_name_or_path {prompt_path}), not {base_path}")
+    return config
+
+
+def load_prompt(model, prompt_path: str, base_path: Optional[str] = None, force: bool = False) -> PromptTunedModel:
+    """`model` (a GLMForMultipleChoice) with the P-tuning prompt saved in `prompt_path`, refused (AdapterError)
+    when a file is missing, its shapes do not fit, or (a prompt trained on a frozen base) the recorded base is
+    not `base_path` (unless `force`)."""
+    config = checked_prompt_config(prompt_path, model.config, base_path, force)
     tuned = PromptTunedModel(model, config)
     tuned.spell.set_state_dict(paddle.load(os.path.join(prompt_path, PROMPT_WEIGHTS)))
     tuned.eval()

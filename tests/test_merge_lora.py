@@ -99,8 +99,8 @@ def test_bfloat16_adapter_merges_on_cpu_in_float32(tmp_path):
 @pytest.mark.parametrize(
     "overrides, drop_adapter_config, message",
     [
-        (dict(hidden_size=64), False, r"a different GLM: hidden_size 32 \(adapter's base\) vs 64 \(this base\)"),
-        (dict(num_layers=3), False, r"a different GLM: num_layers 2 \(adapter's base\) vs 3 \(this base\)"),
+        (dict(hidden_size=64), False, r"a different GLM: hidden_size 32 \(the adapter's base\) vs 64 \(this base\)"),
+        (dict(num_layers=3), False, r"a different GLM: num_layers 2 \(the adapter's base\) vs 3 \(this base\)"),
         # Without the base config.json LoRAModel.save_pretrained writes beside the adapter: weights decide.
         (dict(hidden_size=64), True, r"holds .*query_key_value.lora_A of shape \[32, 4\], the base needs \[64, 4\]"),
         (dict(num_layers=3), True, "has no glm.transformer.layers.2.attention.query_key_value.lora_A"),

@@ -235,7 +235,7 @@ def test_adapter_refusals(trained, micro_data, tmp_path, capsys):  # noqa: F811
     config = json.loads((wider / "config.json").read_text())
     config.update(hidden_size=64)
     GLMForConditionalGeneration(GLMConfig(**{k: v for k, v in config.items() if k != "architectures"})).save_pretrained(str(wider))
-    refused(wider, adapter, "trained on a different GLM: hidden_size 32 (adapter's base) vs 64 (this base)")
+    refused(wider, adapter, "trained on a different GLM: hidden_size 32 (the adapter's base) vs 64 (this base)")
 
     twin = tmp_path / "twin"  # same shapes, other weights
     shutil.copytree(base, twin, ignore=shutil.ignore_patterns("checkpoint-*"))

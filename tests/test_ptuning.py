@@ -157,6 +157,22 @@ def test_a_trained_backbone_is_its_own_model_with_the_prompt_beside_it(micro_mod
     # evaluate finds the prompt in the model directory by itself
     assert evaluate.main(["--model_name_or_path", str(tmp_path), "--data_file", str(rows), "--src_length", "48"])["accuracy"] == accuracy
     assert trainer.model.spell.encoder == "none"
+    # the server's /score applies the checkpoint's prompt by itself, as evaluate does (server.py's served_prompt)
+    import server
+    from test_serving import Served
+
+    from glm.prediction import CheckpointArguments
+
+    evaluate.main(["--model_name_or_path", str(tmp_path), "--data_file", str(rows), "--src_length", "48",
+                   "--output_file", str(tmp_path / "r.json")])
+    first = json.loads((tmp_path / "r.predictions.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    row = json.loads(rows.read_text(encoding="utf-8").splitlines()[0])
+    served = Served(str(tmp_path), prompt=lambda p: server.served_prompt(None, str(tmp_path), p, CheckpointArguments()))
+    try:
+        got = served.post("/score", {"context": row["inputs_pretokenized"], "choices": row["choices_pretokenized"]}).json()
+    finally:
+        served.stop()
+    assert [round(s, 6) for s in got["scores"]] == first["scores"]
 
 
 def test_bad_ptuning_flags_are_one_line_errors(micro_model, micro_weights_model, tmp_path, capsys):  # noqa: F811

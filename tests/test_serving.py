@@ -47,10 +47,12 @@ def load_predictor(model, prefix_path=None):
 class Served:
     """An app on uvicorn in a thread, on 127.0.0.1 and a free port."""
 
-    def __init__(self, model, prefix_path=None, prefixes=None, **options):
+    def __init__(self, model, prefix_path=None, prefixes=None, prompt=None, **options):
         self.predictor = load_predictor(model, prefix_path)
+        if callable(prompt):  # made from the predictor, as server.py makes it
+            prompt = prompt(self.predictor)
         self.app = create_app(self.predictor, GenerationArguments(**DEFAULTS), ServeOptions(model_name="micro", **options),
-                              prefixes)
+                              prefixes, prompt)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

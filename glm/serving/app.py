@@ -21,10 +21,11 @@ __all__ = ["ServeOptions", "create_app"]
 
 
 def create_app(predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions,
-               prefixes=None) -> FastAPI:
+               prefixes=None, prompt=None) -> FastAPI:
     """The server of `predictor`, its decoding defaults `generation_args` (what a request does not set), and
-    of `prefixes` ({name: GLMPrefixModel} over the same base, server.py --prefixes)."""
-    state = ServingState(predictor, generation_args, options, prefixes)
+    of `prefixes` ({name: GLMPrefixModel} over the same base, server.py --prefixes), `prompt` (a ServedPrompt
+    /score applies)."""
+    state = ServingState(predictor, generation_args, options, prefixes, prompt)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -9,7 +9,6 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import RequestError
-from ..inputs import MultipleChoiceBuilder
 from ..prediction import BLANK
 from ..understanding.multiple_choice import score_examples
 from .engine import QueueFull
@@ -95,7 +94,7 @@ async def score(body: ScoreRequest, state: ServingState = Depends(serving)):
     if len(blanks) > 1:  # as evaluate.py --task multiple_choice refuses it; none: [MASK] is appended, as there
         raise RequestError("context", f"holds {len(blanks)} blanks ({', '.join(blanks)}); a choice fills one")
     max_positions = state.generator.max_positions
-    choice_builder = MultipleChoiceBuilder(state.tokenizer, max_positions)
+    choice_builder = state.choice_builder(model)
     try:
         example = await run_in_threadpool(choice_builder.build, body.context, body.choices)
     except ValueError as error:

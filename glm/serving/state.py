@@ -13,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from ..configuration import GLMConfig
 from ..errors import RequestError
 from ..generation_settings import GenerationArguments
+from ..inputs import MultipleChoiceBuilder
 from ..modeling import GLMForMultipleChoice
+from ..ptuning import PromptConfig, load_prompt
 from ..prediction import Predictor
 from .engine import ENGINE_PREFIX, Engine, QueueFull
 from .metrics import ServerMetrics
@@ -21,7 +23,7 @@ from ..generation import rows_per_source
 from .protocol import check_texts, decoding_config
 from .runs import Generation, Outbox
 
-__all__ = ["ServeOptions", "ServingState", "Overloaded", "serving", "cancel_on_disconnect"]
+__all__ = ["ServeOptions", "ServedPrompt", "ServingState", "Overloaded", "serving", "cancel_on_disconnect"]
 
 
 @dataclass
@@ -37,17 +39,28 @@ class ServeOptions:
     allowed_hosts: Optional[List[str]] = None  # Host names accepted (None: any; see middleware.AllowedHosts)
 
 
+@dataclass
+class ServedPrompt:
+    """A THUDM P-tuning prompt (glm/ptuning.py) for /score: its directory, its config, the base it was checked against."""
+
+    path: str
+    config: PromptConfig
+    base_path: Optional[str]
+    force: bool = False
+
+
 class Overloaded(Exception):
     """The engine's queue is full: 503 with Retry-After."""
 
 
 class ServingState:
     def __init__(self, predictor: Predictor, generation_args: GenerationArguments, options: ServeOptions,
-                 prefixes: Optional[Dict[str, object]] = None):
+                 prefixes: Optional[Dict[str, object]] = None, prompt: Optional[ServedPrompt] = None):
         """`prefixes`: more models served over the same base, {name: GLMPrefixModel} (server.py --prefixes),
-        chosen by a request's `model`; their requests decode in the same steps as the base's."""
+        chosen by a request's `model`; their requests decode in the same steps as the base's. `prompt`: THUDM's
+        P-tuning prompt /score applies for the server's own model (checked by server.py)."""
         self.predictor, self.generation_args, self.options = predictor, generation_args, options
-        self.prefixes = dict(prefixes or {})
+        self.prefixes, self.prompt = dict(prefixes or {}), prompt
         self.generator, self.builder, self.tokenizer = predictor.generator, predictor.builder, predictor.tokenizer
         self.engine = Engine(self.generator, options.max_rows, options.max_queue)
         self.metrics = ServerMetrics(self.engine)
@@ -90,6 +103,12 @@ class ServingState:
                                           f"and <|endoftext|>, over the server's src_length {self.builder.src_length}")  # fmt: skip
             sources.append(ids)
         return sources
+
+    def choice_builder(self, model: str) -> MultipleChoiceBuilder:
+        """/score's rows for served model `model`: with the prompt's tokens in the pattern where one applies."""
+        prompt = self.prompt.config if self.prompt is not None and model == self.options.model_name else None
+        return MultipleChoiceBuilder(self.tokenizer, self.generator.max_positions,
+                                     prompt.num_prompt_tokens if prompt else 0, prompt.prompt_placement if prompt else "split")
 
     def model_names(self) -> List[str]:
         return [self.options.model_name, *self.prefixes]
@@ -153,7 +172,11 @@ class ServingState:
             head.glm, head.config = self.generator.model.glm, self.generator.model.config
             head.eval()  # score_examples restores the mode it found: training would switch dropout on in the backbone
             prefix = self.prefixes.get(model, self.generator.runner.prefix)
-            self._choice_heads[model] = prefix.over(head) if prefix is not None else head
+            if prefix is not None:
+                head = prefix.over(head)
+            elif self.prompt is not None and model == self.options.model_name:
+                head = load_prompt(head, self.prompt.path, self.prompt.base_path, self.prompt.force)
+            self._choice_heads[model] = head
         return self._choice_heads[model]
 
 

@@ -103,7 +103,8 @@ def results_table(rows: Dict[str, Dict[str, float]], labels: Optional[Dict[str, 
 
 
 def output_files(output_dir: str) -> List[str]:
-    """Where the run's results are in `output_dir`: the model (with its config and, for LoRA, lora_config.json),
+    """Where the run's results are in `output_dir`: the model (with its config; an adapter, prefix or prompt with
+    its config and the base it was trained on),
     its tokenizer, the settings predict takes from it, predictions, scores, the loss curve and the record of
     the run (what a rerun compares against)."""
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
@@ -112,7 +113,8 @@ def output_files(output_dir: str) -> List[str]:
         return ", ".join(n for n in names if n.endswith(tuple(suffixes)) and n not in exclude)
 
     groups = [
-        ("model", matching((".pdparams", ".safetensors", ".index.json", "config.json"), exclude=("tokenizer_config.json",))),
+        ("model", matching((".pdparams", ".safetensors", ".index.json", "config.json", "base_fingerprint.json"),
+                           exclude=("tokenizer_config.json",))),
         ("tokenizer", matching((".model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"))),
         ("settings", matching(("generation_settings.json", "pretraining_settings.json"))),
         ("predictions", matching(("_predictions.jsonl",))),

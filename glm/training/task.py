@@ -204,8 +204,11 @@ def check_adapter_flags(model_args):
         check_flag("num_prefix_tokens", model_args.num_prefix_tokens, COUNT)
         if model_args.prefix_projection_hidden_size is not None:
             check_flag("prefix_projection_hidden_size", model_args.prefix_projection_hidden_size, COUNT)
-    elif model_args.prefix_projection:
-        raise UserError("--prefix_projection applies to --prefix_tuning true")
+    else:
+        defaults = type(model_args)()
+        for name in ("num_prefix_tokens", "prefix_projection", "prefix_projection_hidden_size"):
+            if getattr(model_args, name) != getattr(defaults, name):
+                raise UserError(f"--{name} applies to --prefix_tuning true")
     flag = "--lora" if model_args.lora else "--prefix_tuning" if model_args.prefix_tuning else None
     if flag and os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
         raise UserError(

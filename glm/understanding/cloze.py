@@ -59,7 +59,9 @@ class PTuningArguments:
 
     def check(self, model_args, src_length: int):
         if not self.ptuning:
-            given = [f"--{name}" for name, value in (("freeze_backbone", self.freeze_backbone),) if value]
+            defaults = PTuningArguments()
+            given = [f"--{name}" for name in ("num_prompt_tokens", "prompt_encoder", "prompt_placement", "freeze_backbone")
+                     if getattr(self, name) != getattr(defaults, name)]  # fmt: skip
             if given:
                 raise UserError(f"{given[0]} applies to --ptuning true")
             return
