@@ -8,7 +8,7 @@ the same seed and steps:
      dev rows by beam search (THUDM's P-tuning is for cloze patterns only, so it has no generation row).
 
 Each method's learning rate is its own (--learning_rates), as each is usually run; everything else is the
-recipe's. Reported per run: the dev score, trainable parameters, seconds per training step and the peak
+recipe's; `--learning_rates prefix=1e-2/3e-2` runs a method at several (OUT/cloze-METHOD-lrRATE). Reported per run: the dev score, trainable parameters, seconds per training step and the peak
 memory of the training process (RSS on a CPU), from its train_results.json.
 
     python tools/adaptation_on_real_data.py --base BASE --output_dir OUT
@@ -51,6 +51,11 @@ def run_once(script, output, flags):
     return results
 
 
+def runs(methods, rates):
+    """(method, learning rate) of every run, in order: each method at each of its rates."""
+    return [(method, rate) for method in methods for rate in rates[method]]
+
+
 def row(task, method, rate, results, score_name, score):
     return {
         "task": task, "method": METHODS[method][0], "learning_rate": rate, score_name: round(score, 2),
@@ -66,12 +71,12 @@ def sentiment(args, rates):
         write_jsonl(os.path.join(data, "train.json"), sentiment_rows("train", args.sentiment_rows))
         write_jsonl(os.path.join(data, "dev.json"), sentiment_rows("dev"))
     rows = []
-    for method in args.methods:
+    for method, rate in runs(args.methods, rates):
         flags = [os.path.join("configs", "real-sentiment-cloze-500.json"), "--model_name_or_path", args.base,
-                 "--dataset_name_or_path", data, "--learning_rate", str(rates[method]), "--seed", str(args.seed),
+                 "--dataset_name_or_path", data, "--learning_rate", str(rate), "--seed", str(args.seed),
                  "--evaluation_strategy", "no", "--save_strategy", "no", *METHODS[method][1]]  # fmt: skip
-        results = run_once("finetune_cloze.py", os.path.join(args.output_dir, f"cloze-{method}"), flags)
-        rows.append(row("sentiment cloze", method, rates[method], results, "dev_accuracy", results["eval_accuracy"]))
+        results = run_once("finetune_cloze.py", os.path.join(args.output_dir, f"cloze-{method}-lr{rate:g}"), flags)
+        rows.append(row("sentiment cloze", method, rate, results, "dev_accuracy", results["eval_accuracy"]))
     return rows
 
 
@@ -83,16 +88,16 @@ def advertisegen(args, rates):
                 lines = [json.loads(line) for line in f if line.strip()]
             write_jsonl(os.path.join(data, f"{split}.json"), lines)
     rows = []
-    for method in [m for m in args.methods if m != "ptuning"]:
+    for method, rate in runs([m for m in args.methods if m != "ptuning"], rates):
         flags = ["--model_name_or_path", args.base, "--dataset_name_or_path", data, "--src_length", "64",
                  "--tgt_length", "128", "--min_tgt_length", "0", "--num_beams", "3", "--no_repeat_ngram_size", "3",
                  "--num_train_epochs", str(args.generation_epochs), "--per_device_train_batch_size", "16",
-                 "--per_device_eval_batch_size", "32", "--learning_rate", str(rates[method]), "--warmup_ratio", "0.06",
+                 "--per_device_eval_batch_size", "32", "--learning_rate", str(rate), "--warmup_ratio", "0.06",
                  "--lr_scheduler_type", "linear", "--logging_steps", "10", "--seed", str(args.seed), "--do_train", "true",
                  "--do_eval", "true", "--evaluation_strategy", "no", "--save_strategy", "no", "--device", "cpu",
                  "--max_eval_samples", str(args.generation_dev_rows), *METHODS[method][1]]  # fmt: skip
-        results = run_once("finetune_generation.py", os.path.join(args.output_dir, f"generation-{method}"), flags)
-        rows.append(row("AdvertiseGen generation", method, rates[method], results, "rouge_l", results["eval_rougeL"]))
+        results = run_once("finetune_generation.py", os.path.join(args.output_dir, f"generation-{method}-lr{rate:g}"), flags)
+        rows.append(row("AdvertiseGen generation", method, rate, results, "rouge_l", results["eval_rougeL"]))
     return rows
 
 
@@ -110,7 +115,7 @@ def main(argv=None):
     parser.add_argument("--base", required=True, help="GLM checkpoint directory with weights and the real tokenizer")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"some of {', '.join(METHODS)}")
-    parser.add_argument("--learning_rates", default=DEFAULT_RATES, help="method=rate, ...")
+    parser.add_argument("--learning_rates", default=DEFAULT_RATES, help="method=rate[/rate...], ... (several: one run each)")
     parser.add_argument("--sentiment_rows", type=int, default=500)
     parser.add_argument("--generation_epochs", type=float, default=2)
     parser.add_argument("--generation_dev_rows", type=int, default=200)
@@ -125,7 +130,7 @@ def main(argv=None):
         parser.error(f"--base {args.base}: no model_state.pdparams (a checkpoint with weights is needed: the frozen "
                      "methods adapt it)")
     rates = dict(item.split("=") for item in args.learning_rates.split(","))
-    rates = {name: float(value) for name, value in rates.items()}
+    rates = {name: [float(value) for value in values.split("/")] for name, values in rates.items()}
     os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     tasks = args.tasks.split(",")
