@@ -9,7 +9,7 @@ the same seed and steps:
 
 Each method's learning rate is its own (--learning_rates), as each is usually run; everything else is the
 recipe's; `--learning_rates prefix=1e-2/3e-2` runs a method at several (OUT/cloze-METHOD-lrRATE). Reported per run: the dev score, trainable parameters, seconds per training step and the peak
-memory of the training process (RSS on a CPU), from its train_results.json.
+memory of the training process (RSS on a CPU), from its train_results.json; and the dev loss.
 
     python tools/adaptation_on_real_data.py --base BASE --output_dir OUT
 
@@ -59,6 +59,7 @@ def runs(methods, rates):
 def row(task, method, rate, results, score_name, score):
     return {
         "task": task, "method": METHODS[method][0], "learning_rate": rate, score_name: round(score, 2),
+        "eval_loss": round(results["eval_loss"], 3),
         "trainable_parameters": results.get("trainable_parameters"), "steps": results["steps"],
         "seconds_per_step": round(results["train_runtime"] / max(results["steps"], 1), 3),
         "peak_memory_mib": results.get("peak_memory_mib"),
@@ -102,10 +103,11 @@ def advertisegen(args, rates):
 
 
 def markdown(rows):
-    lines = ["| task | method | lr | dev score | trainable parameters | s / step | peak memory |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | lr | dev score | dev loss | trainable parameters | s / step | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         score = f"{r['dev_accuracy']} % accuracy" if "dev_accuracy" in r else f"ROUGE-L {r['rouge_l']}"
-        lines.append(f"| {r['task']} | {r['method']} | {r['learning_rate']:g} | {score} | {r['trainable_parameters']:,} | "
+        lines.append(f"| {r['task']} | {r['method']} | {r['learning_rate']:g} | {score} | {r['eval_loss']} | {r['trainable_parameters']:,} | "
                      f"{r['seconds_per_step']} | {r['peak_memory_mib']:.0f} MiB |")
     return "\n".join(lines)
 
