@@ -29,7 +29,7 @@ from glm.errors import DataError, UserError
 from glm.files import write_json_atomic, write_jsonl_atomic
 from glm.inputs import MASK_TOKENS, MultipleChoiceBuilder
 from glm.loading import load_model_and_tokenizer
-from glm.ptuning import has_prompt
+from glm.ptuning import builder_prompt, has_prompt
 from glm.tokenization import special_token_ids
 from glm.understanding.language_model import lambada_examples, lm_examples, lm_metrics, score_targets
 from glm.understanding.multiple_choice import (
@@ -118,9 +118,8 @@ def model_length(name: str, value: Optional[int], model) -> int:
 
 def evaluate_multiple_choice(args, model, tokenizer):
     src_length = model_length("src_length", args.src_length, model)
-    prompt = getattr(model, "prompt_config", None)  # a P-tuning prompt's tokens go into each row's pattern
-    builder = MultipleChoiceBuilder(tokenizer, src_length, prompt.num_prompt_tokens if prompt else 0,
-                                    prompt.prompt_placement if prompt else "split")
+    # a P-tuning prompt's tokens go into each row's pattern
+    builder = MultipleChoiceBuilder(tokenizer, src_length, **builder_prompt(getattr(model, "prompt_config", None)))
     rows = read_choice_rows(args.data_file, skip_bad_rows=args.skip_bad_rows)
     examples = build_choice_examples(rows, builder, os.path.basename(args.data_file))
     with progress_bar(len(examples), "scoring", "row") as bar:

@@ -53,6 +53,7 @@ class GLMPrefixModel(PrefixModelForCausalLM):
     choice): `model(**inputs)` runs the head with the prefix as its memory."""
 
     def __init__(self, model, prefix_config: PrefixConfig, postprocess_past_key_value=None, pad_attention_mask=None):
+        # PaddleNLP's from_pretrained passes its two callbacks positionally; GLM's layout and masks are fixed.
         super().__init__(model, prefix_config, layer_caches, _pad_attention_mask)
 
     @property

@@ -19,10 +19,10 @@ import paddle
 import paddle.nn as nn
 
 from .errors import AdapterError
-from .lora import BASE_FINGERPRINT, check_recorded_base
+from .lora import check_recorded_base
 
 __all__ = ["PROMPT_ENCODERS", "PROMPT_CONFIG", "PROMPT_WEIGHTS", "PromptConfig", "PromptSpell", "PromptTunedModel",
-           "load_prompt", "has_prompt", "prompt_parameters",
+           "load_prompt", "has_prompt", "prompt_parameters", "builder_prompt",
            "checked_prompt_config"]
 
 PROMPT_ENCODERS = ("lstm", "mlp", "none")
@@ -93,17 +93,15 @@ class PromptTunedModel(nn.Layer):
         return self.model(input_ids, position_ids, attention_mask, choice_ids, choice_indices, labels,
                           return_dict=return_dict, inputs_embeds=embeddings)
 
-    def save_pretrained(self, directory: str, base_fingerprint: Optional[dict] = None):
-        """The prompt (config and encoder weights) into `directory`; the backbone too when it trained."""
+    def save_pretrained(self, directory: str):
+        """The prompt (config and encoder weights) into `directory`; the backbone too when it trained (the
+        trainer writes a frozen base's fingerprint beside it)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, PROMPT_CONFIG), "w", encoding="utf-8") as f:
             json.dump(asdict(self.prompt_config), f, indent=2)
         paddle.save(self.spell.state_dict(), os.path.join(directory, PROMPT_WEIGHTS))
         if not self.prompt_config.frozen_backbone:
             self.model.save_pretrained(directory)
-        elif base_fingerprint is not None:
-            with open(os.path.join(directory, BASE_FINGERPRINT), "w", encoding="utf-8") as f:
-                json.dump(base_fingerprint, f)
 
     def load_saved(self, directory: str):
         """The weights `save_pretrained` wrote in `directory` (a checkpoint or the final model)."""
@@ -130,6 +128,13 @@ def prompt_parameters(tokens: int, hidden: int, encoder: str) -> int:
     elif encoder == "mlp":
         count += 2 * (h * h + h)
     return count
+
+
+def builder_prompt(config: Optional[PromptConfig]) -> dict:
+    """MultipleChoiceBuilder's prompt arguments for rows scored with prompt `config` (None: no prompt)."""
+    if config is None:
+        return {}
+    return {"prompt_tokens": config.num_prompt_tokens, "prompt_placement": config.prompt_placement}
 
 
 def has_prompt(directory: Optional[str]) -> bool:

@@ -60,10 +60,11 @@ def sequence_logprob(model, src, answer, stop=True):
     return sum(logprobs[start + i, token] for i, token in enumerate(targets))
 
 
-def uncached_greedy(model, src, tgt_length, banned=()):
+def uncached_greedy(model, src, tgt_length, banned=(), earlier=()):
+    """The greedy answer of the blank after `earlier` (the answers of the blanks before it, in memory)."""
     answer = []
     for _ in range(tgt_length):
-        scores = next_token_logprobs(model, src, [answer])
+        scores = next_token_logprobs(model, src, [*earlier, answer])
         scores[list(banned)] = -np.inf
         token = int(scores.argmax())
         if token in (IDS.eop, IDS.eos):
@@ -186,13 +187,7 @@ def test_two_blanks_are_filled_left_to_right_with_the_first_answer_in_memory():
     first, second = answers[0][0], answers[1][0]
     assert first == uncached_greedy(model, src, 5)
     # the oracle for the second blank: source, then sop + first answer at blank 1, then sop at blank 2
-    expected = []
-    for _ in range(5):
-        token = int(next_token_logprobs(model, src, [first, expected]).argmax())
-        if token in (IDS.eop, IDS.eos):
-            break
-        expected.append(token)
-    assert second == expected
+    assert second == uncached_greedy(model, src, 5, earlier=[first])
 
 
 def test_sampling_is_reproducible_and_respects_top_k():

@@ -15,7 +15,7 @@ from ..errors import RequestError
 from ..generation_settings import GenerationArguments
 from ..inputs import MultipleChoiceBuilder
 from ..modeling import GLMForMultipleChoice
-from ..ptuning import PromptConfig, load_prompt
+from ..ptuning import PromptConfig, builder_prompt, load_prompt
 from ..prediction import Predictor
 from .engine import ENGINE_PREFIX, Engine, QueueFull
 from .metrics import ServerMetrics
@@ -107,8 +107,7 @@ class ServingState:
     def choice_builder(self, model: str) -> MultipleChoiceBuilder:
         """/score's rows for served model `model`: with the prompt's tokens in the pattern where one applies."""
         prompt = self.prompt.config if self.prompt is not None and model == self.options.model_name else None
-        return MultipleChoiceBuilder(self.tokenizer, self.generator.max_positions,
-                                     prompt.num_prompt_tokens if prompt else 0, prompt.prompt_placement if prompt else "split")
+        return MultipleChoiceBuilder(self.tokenizer, self.generator.max_positions, **builder_prompt(prompt))
 
     def model_names(self) -> List[str]:
         return [self.options.model_name, *self.prefixes]

@@ -48,10 +48,15 @@ def describe_model(model_args, model) -> str:
     if model_args.lora:
         text += f", LoRA rank {model_args.lora_rank} on {' '.join(model_args.lora_target_modules)}"
     if model_args.prefix_tuning:
-        trained = sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
+        trained = trainable_parameters(model)
         text += (f", P-tuning v2 prefix of {model_args.num_prefix_tokens} tokens"
                  f"{' through an MLP' if model_args.prefix_projection else ''} ({trained / 1e3:.1f}k trained)")
     return text
+
+
+def trainable_parameters(model) -> int:
+    """What trains: the whole model, or an adapter, prefix or prompt beside a frozen base."""
+    return sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
 
 
 def running_device() -> str:

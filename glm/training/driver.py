@@ -57,8 +57,7 @@ def train_and_evaluate(trainer, resume: Resume, given_flags: AbstractSet[str] = 
             check_free_space(trainer.model, args.output_dir)
         result = trainer.train(resume_from_checkpoint=resume.checkpoint)
         result.metrics.update(memory_metrics(memory))
-        # What trained (the whole model, or an adapter, prefix or prompt beside a frozen base).
-        result.metrics["trainable_parameters"] = sum(int(p.numel()) for p in trainer.model.parameters() if not p.stop_gradient)
+        result.metrics["trainable_parameters"] = console.trainable_parameters(trainer.model)
         crash_point("train:done")
         save_final_model(trainer, extra_files or {})
         crash_point("final:published")

@@ -46,7 +46,7 @@ from .resume import decide_resume, prepare_output_dir
 from .run_record import run_settings
 from .trainer import GLMTrainer
 
-__all__ = ["Task", "TaskData", "run_task", "memory_plan", "load_for_training", "finish"]
+__all__ = ["Task", "TaskData", "run_task", "memory_plan", "load_for_training", "finish", "refuse_weightless_base"]
 
 
 @dataclass
@@ -210,12 +210,17 @@ def check_adapter_flags(model_args):
             if getattr(model_args, name) != getattr(defaults, name):
                 raise UserError(f"--{name} applies to --prefix_tuning true")
     flag = "--lora" if model_args.lora else "--prefix_tuning" if model_args.prefix_tuning else None
-    if flag and os.path.isdir(model_args.model_name_or_path) and not has_weights(model_args.model_name_or_path):
-        raise UserError(
-            f"{flag} on {model_args.model_name_or_path}, which holds no weights: its random init could never be "
-            f"reproduced to apply the {'adapter' if model_args.lora else 'prefix'} later; finetune it first "
-            f"(without {flag}) and adapt that"
-        )
+    if flag:
+        refuse_weightless_base(flag, model_args.model_name_or_path, "adapter" if model_args.lora else "prefix",
+                               f"(without {flag}) and adapt that")
+
+
+def refuse_weightless_base(flags: str, path: str, what: str, way_out: str):
+    """UserError when `path` is a directory without weights: a `what` (adapter, prefix, prompt) trained on its
+    random init could never be applied again (`flags`: what asked for it; `way_out`: how to train one)."""
+    if os.path.isdir(path) and not has_weights(path):
+        raise UserError(f"{flags} on {path}, which holds no weights: its random init could never be reproduced to "
+                        f"apply the {what} later; finetune it first {way_out}")
 
 
 def load_for_training(model_args, dtype, lengths: Dict[str, int], model_class=GLMForConditionalGeneration,

@@ -16,7 +16,6 @@ from ..cli.console import progress_bar, shown
 from ..errors import UserError
 from ..files import write_jsonl_atomic
 from ..bounds import COUNT, check_flag
-from ..checkpoint import has_weights
 from ..inputs import PROMPT_PLACEMENTS, MultipleChoiceBuilder, collate_multiple_choice
 from ..jsonl import find_split_file
 from ..lora import base_fingerprint
@@ -24,7 +23,7 @@ from ..modeling import GLMForMultipleChoice
 from ..ptuning import PROMPT_ENCODERS, PromptConfig, PromptTunedModel, prompt_parameters
 from ..training.arguments import DatasetArguments
 from ..training.run_record import data_fingerprint, model_fingerprint
-from ..training.task import Task, TaskData, run_task
+from ..training.task import Task, TaskData, refuse_weightless_base, run_task
 from ..training.trainer import GLMTrainer
 from .multiple_choice import build_choice_examples, choice_metrics, prediction_rows, read_choice_rows, score_examples
 
@@ -75,10 +74,9 @@ class PTuningArguments:
         if src_length < self.num_prompt_tokens + 3:
             raise UserError(f"--src_length {src_length} cannot hold --num_prompt_tokens {self.num_prompt_tokens} with "
                             "[CLS], the blank and <|endoftext|>")
-        path = model_args.model_name_or_path
-        if self.freeze_backbone and os.path.isdir(path) and not has_weights(path):
-            raise UserError(f"--ptuning --freeze_backbone on {path}, which holds no weights: its random init could never be "
-                            "reproduced to apply the prompt later; finetune it first and prompt-tune that")
+        if self.freeze_backbone:
+            refuse_weightless_base("--ptuning --freeze_backbone", model_args.model_name_or_path, "prompt",
+                                   "and prompt-tune that")
 
 
 class ClozeTrainer(GLMTrainer):
