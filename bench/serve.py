@@ -23,9 +23,12 @@ import sys
 import tempfile
 import time
 
+import logging
+
 import httpx
 import psutil
 
+logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per request buries the figures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TOKENIZER_FILES = ("added_tokens.json", "cog-pretrain.model", "special_tokens_map.json", "tokenizer_config.json")

@@ -139,10 +139,11 @@ def exit_on_user_error(also: tuple = ()):
 
 
 @contextlib.contextmanager
-def command(also: tuple = ()):
-    """The body of an entry script's main(): every core, freed memory returned, and the one-line stops of
-    exit_on_user_error."""
+def command(also: tuple = (), freed_memory_returned: bool = True):
+    """The body of an entry script's main(): every core, freed memory returned (unless
+    `freed_memory_returned` is False: see server.py), and the one-line stops of exit_on_user_error."""
     use_all_cores()
-    return_freed_memory()
+    if freed_memory_returned:
+        return_freed_memory()
     with exit_on_user_error(also):
         yield
