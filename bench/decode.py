@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 import glm.generation  # noqa: E402
+import glm.search  # noqa: E402
 import glm.model_runner  # noqa: E402
 import glm.modeling  # noqa: E402
 from bench.workloads import (  # noqa: E402
@@ -105,11 +106,11 @@ class StepSplit:
                     (DecodingMask, "select", "reorder/drop rows"), (paddle, "index_select", "reorder/drop rows"),
                     (paddle, "to_tensor", "host transfers"), (glm.model_runner, "as_tensor", "host transfers"),
                     (paddle.Tensor, "numpy", "host transfers")]
-        patches += [(generator, name, "search (NumPy)") for name in ("_beam_search", "_sample")]
+        patches += [(glm.search, "advance_searches", "search (NumPy)")]
         patches += [(generator.runner, "logprobs", "search (NumPy)")]
         # The model runs inside the search loops: without its own frame, LayerNorm & co. would count as search.
         patches += [(generator.runner, "forward", "other ops"), (DecodingRows, "step", "masks/positions")]
-        patches += [(glm.generation, name, "search (NumPy)") for name in
+        patches += [(glm.search, name, "search (NumPy)") for name in
                     ("process_scores", "beam_candidates", "top_k_indices", "choose_beams", "sample_tokens")]
         patches += [(glm.model_runner, "log_softmax", "search (NumPy)")]
         saved = [(owner, name, vars(owner).get(name, _MISSING)) for owner, name, _ in patches]

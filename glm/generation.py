@@ -5,16 +5,16 @@ at the mask position while the block channel counts 1, 2, 3, ... Several blanks 
 right, each answer joining the memory before the next blank starts (THUDM's generate_samples).
 
 The model is used only through a ModelRunner (glm/model_runner.py: encode, extend, the DecodingRows of a
-blank, the packed LM head); the server's engine passes its own runner. The search runs in NumPy on the
-[rows, vocab] log-probabilities, in pieces: `process_scores` (THUDM's logit processors), `top_k_indices` /
-`beam_candidates` (candidate selection) and `BeamHypotheses` (finished answers).
+blank, the packed LM head); the server's engine passes its own runner. The search of a blank is a search
+object of glm/search.py (SampleSearch, BeamSearch) that the blank's DecodingRows alternate with the model's
+steps (`decode`); the engine advances all its sources' searches at once.
 
 Batches are left-padded: padded keys are marked invalid in `memory_valid` and never attended.
 """
 
 import copy
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -23,6 +23,7 @@ from .bounds import COUNT, LENGTH_PENALTY, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIV
 from .decoding_cache import as_tensor
 from .errors import InvalidSettings
 from .model_runner import ModelRunner
+from .search import id_runs, make_search
 from .tokenization import GLMSpecialIds
 
 __all__ = ["GenerationConfig", "GLMGenerator", "generate_answers", "default_banned_ids", "DECODE_STRATEGIES", "LENGTH_PENALTY_FORMS"]
@@ -76,125 +77,9 @@ class GenerationConfig:
             raise InvalidSettings(problems)
 
 
-class BeamHypotheses:
-    """The finished hypotheses of one source (THUDM/HF BeamHypotheses): the `num_beams` best by
-    length-penalised score, and whether the open beams can still beat them."""
-
-    def __init__(self, num_beams: int, config: GenerationConfig):
-        self.num_beams = num_beams
-        self.config = config
-        self.kept = []  # (score, tokens)
-
-    def penalised(self, sum_logprobs: float, length: int) -> float:
-        length = max(length, 1)  # an immediately ended answer would divide by 0**lp
-        if self.config.length_penalty_form == "gnmt":
-            return sum_logprobs / ((5.0 + length) / 6.0) ** self.config.length_penalty
-        return sum_logprobs / length**self.config.length_penalty
-
-    def add(self, tokens: List[int], sum_logprobs: float):
-        score = self.penalised(sum_logprobs, len(tokens))
-        if len(self.kept) < self.num_beams or score > self.worst():
-            self.kept.append((score, tokens))
-            self.kept.sort(key=lambda item: -item[0])
-            del self.kept[self.num_beams :]
-
-    def worst(self) -> float:
-        return self.kept[-1][0]
-
-    def is_done(self, best_open_sum_logprobs: float, generated: int) -> bool:
-        if len(self.kept) < self.num_beams:
-            return False
-        if self.config.early_stopping:
-            return True
-        return self.worst() >= self.penalised(best_open_sum_logprobs, generated)
-
-
 def rows_per_source(config: GenerationConfig) -> int:
     """Rows a source decodes at once: its beams, or its samples (greedy: one)."""
     return config.num_beams if config.decode_strategy == "beam_search" else config.num_return_sequences
-
-
-def id_runs(ids) -> List[Tuple[int, int]]:
-    """Ids as runs of consecutive ids, [(start, end)]: banning the embedding rows above a tokenizer's vocabulary
-    (49,000 ids for the tiny tokenizer on a 50048-row model) is then a slice, not a scatter of every id."""
-    ids = np.unique(np.asarray(ids, dtype="int64"))
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(ids, breaks) if run.size]
-
-
-def process_scores(scores, generated, step, config, stop_ids, banned_ids):
-    """THUDM's logit processors on log-probabilities [rows, vocab], in place, vectorised over rows: banned ids
-    (as `id_runs`),
-    min length (the stop ids until `min_tgt_length` tokens exist), no-repeat-ngram. `generated` [rows, step]
-    holds every row's tokens so far. Returns `scores`."""
-    for start, end in banned_ids:
-        scores[:, start:end] = -np.inf
-    if step < config.min_tgt_length:
-        scores[:, stop_ids] = -np.inf
-    n = config.no_repeat_ngram_size
-    if n > 0 and step >= n:
-        # An n-gram whose first n - 1 tokens equal the last n - 1 generated bans its last token. Windows start
-        # at 0 .. step - n; compared as n - 1 shifted slices (sliding_window_view took half the step's search).
-        starts = step - n + 1
-        repeats = np.ones((generated.shape[0], starts), dtype=bool)
-        for j in range(n - 1):
-            repeats &= generated[:, j : j + starts] == generated[:, starts + j, None]
-        row, start = np.nonzero(repeats)
-        scores[row, generated[row, start + n - 1]] = -np.inf
-    return scores
-
-
-def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices [rows, k] of the k largest scores of each row, best first, equal scores by column.
-
-    Exact, and fast when few scores come near the top (np.argpartition over the 5 x 50048 scores of a
-    source took ~10 ms a step): the k-th largest of an evenly spaced sample of a row is a lower bound on
-    the row's k-th largest, so only the scores reaching it (about 1/256 of the row) are sorted."""
-    rows, width = scores.shape
-    stride = width // (256 * k)
-    if stride >= 4:
-        bound = -np.partition(-scores[:, ::stride], k - 1, axis=-1)[:, k - 1]
-        row, column = np.nonzero(scores >= bound[:, None])
-        if np.bincount(row, minlength=rows).min() >= k:  # always, unless NaNs hide the sample's best
-            order = np.lexsort((column, -scores[row, column], row))  # by row, then score, then column
-            starts = np.searchsorted(row[order], np.arange(rows))
-            return column[order][starts[:, None] + np.arange(k)]
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-
-
-def beam_candidates(flat, count, config, rng):
-    """The `count` candidates of each source, flat indices beam * vocab + token into `flat` [sources,
-    beams * vocab] (log-probabilities plus running beam scores), best first: by top-k (`select_topk`,
-    THUDM's --select-topk) or sampled without replacement in proportion to their probabilities."""
-    if config.select_topk:
-        return top_k_indices(flat, count)
-    probs = np.exp(flat.astype("float64") - flat.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    top = np.stack([rng.choice(flat.shape[-1], size=count, replace=False, p=row) for row in probs])
-    order = np.argsort(-np.take_along_axis(flat, top, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(top, order, axis=-1)
-
-
-def choose_beams(candidates, flat, vocab, num_beams, stop_ids, finish):
-    """THUDM's step for one source. Walking `candidates` (flat indices into `flat`, its scores, best first):
-    a stop token ranked within the beam width ends that beam as a hypothesis (`finish(beam, score)`), a
-    stop ranked lower is dropped, and the first `num_beams` other candidates continue. Returns the
-    continuations' (scores, tokens, beams), each [num_beams]; `candidates` must hold enough non-stops."""
-    scores = np.zeros(num_beams, dtype="float32")
-    tokens = np.zeros(num_beams, dtype="int64")
-    beams = np.arange(num_beams)
-    chosen = 0
-    for rank, index in enumerate(candidates):
-        beam, token, score = index // vocab, index % vocab, flat[index]
-        if token in stop_ids:
-            if rank < num_beams:  # an end ranked below the beam width is not a hypothesis
-                finish(beam, float(score))
-            continue
-        scores[chosen], tokens[chosen], beams[chosen] = score, token, beam
-        chosen += 1
-        if chosen == num_beams:
-            break
-    return scores, tokens, beams
 
 
 class GLMGenerator:
@@ -293,100 +178,9 @@ class GLMGenerator:
         )
         copies = rows_per_source(config)
         rows = self.runner.start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
-        search = self._beam_search if config.decode_strategy == "beam_search" else self._sample
-        return search(rows, np.repeat(logprobs, copies, axis=0), batch, copies, config, rng)
-
-    def _sample(self, rows, logprobs, batch, copies, config, rng):
-        generated = np.full((batch * copies, config.tgt_length), self.ids.pad, dtype="int64")
-        lengths = np.zeros(batch * copies, dtype="int64")
-        finished = np.zeros(batch * copies, dtype=bool)
-        live = np.arange(batch)  # the sources still decoding, in the order of `rows`
-        for step in range(config.tgt_length):
-            live_rows = (live[:, None] * copies + np.arange(copies)).reshape(-1)
-            scores = process_scores(logprobs, generated[live_rows, :step], step, config, self.stop_ids,
-                                    self.banned_ids)
-            if config.decode_strategy == "greedy_search":
-                tokens = scores.argmax(axis=-1)
-            else:
-                tokens = sample_tokens(scores, config, rng)
-            going = ~finished[live_rows]
-            finished[live_rows] |= (tokens[:, None] == self.stop_ids).any(axis=1)  # np.isin: 10x slower here
-            writing = live_rows[going & ~finished[live_rows]]
-            generated[writing, step] = tokens[going & ~finished[live_rows]]
-            lengths[writing] += 1
-            if finished.all() or step == config.tgt_length - 1:
-                break
-            keep = ~finished[live_rows].reshape(-1, copies).all(axis=1)  # a source goes when all its copies end
-            tokens = np.where(finished[live_rows], self.ids.pad, tokens).astype("int64")
-            rows.select(np.arange(len(live_rows)), keep)
-            live = live[keep]
-            logprobs = rows.step(tokens.reshape(-1, copies)[keep].reshape(-1))
-        answers = [generated[row, : lengths[row]].tolist() for row in range(batch * copies)]
-        return [answers[b * copies : (b + 1) * copies] for b in range(batch)]
-
-    def _beam_search(self, rows, logprobs, batch, num_beams, config, rng):
-        vocab = logprobs.shape[-1]
-        hypotheses = [BeamHypotheses(num_beams, config) for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        beam_scores = np.zeros((batch, num_beams), dtype="float32")
-        beam_scores[:, 1:] = -1e9  # all beams start equal: only beam 0 may propose at the first step
-        generated = np.full((batch * num_beams, config.tgt_length), self.ids.pad, dtype="int64")
-        live = np.arange(batch)  # the sources still searching, in the order of `rows`
-        for step in range(config.tgt_length):
-            live_rows = (live[:, None] * num_beams + np.arange(num_beams)).reshape(-1)
-            scores = process_scores(logprobs, generated[live_rows, :step], step, config, self.stop_ids,
-                                    self.banned_ids)
-            flat = (scores + beam_scores[live].reshape(-1, 1)).reshape(len(live), num_beams * vocab)
-            # THUDM takes 2 x beams candidates for its one end token; with two stop ids, 3 x beams
-            # guarantees num_beams continuations even if every beam's best tokens are stops.
-            candidates = beam_candidates(flat, (1 + len(self.stop_ids)) * num_beams, config, rng)
-            next_scores = np.zeros((len(live), num_beams), dtype="float32")
-            next_tokens = np.zeros((len(live), num_beams), dtype="int64")
-            next_beams = np.zeros((len(live), num_beams), dtype="int64")  # the beam of its source each continues
-            for i, b in enumerate(live):
-
-                def finish(beam, score, b=b):
-                    hypotheses[b].add(generated[b * num_beams + beam, :step].tolist(), score)
-
-                next_scores[i], next_tokens[i], next_beams[i] = choose_beams(
-                    candidates[i], flat[i], vocab, num_beams, self.stop_ids, finish)
-                done[b] = hypotheses[b].is_done(float(flat[i, candidates[i, 0]]), step)
-            generated[live_rows] = generated[(live[:, None] * num_beams + next_beams).reshape(-1)]
-            generated[live_rows, step] = next_tokens.reshape(-1)
-            beam_scores[live] = next_scores
-            if done.all() or step == config.tgt_length - 1:
-                break
-            keep = ~done[live]  # finished sources leave the batch
-            rows.select((np.arange(len(live))[:, None] * num_beams + next_beams).reshape(-1), keep)
-            live = live[keep]
-            logprobs = rows.step(next_tokens[keep].reshape(-1))
-        results = []
-        for b in range(batch):
-            if not done[b]:  # out of length: the open beams compete with the finished ones
-                for row in range(b * num_beams, (b + 1) * num_beams):
-                    hypotheses[b].add(generated[row].tolist(), float(beam_scores.reshape(-1)[row]))
-            results.append([tokens for _, tokens in hypotheses[b].kept[: config.num_return_sequences]])
-        return results
-
-
-def sample_tokens(scores, config, rng):
-    """One token per row sampled from log-probabilities [rows, vocab]: temperature, then top-k, then top-p."""
-    scores = scores.astype("float64") / config.temperature
-    if config.top_k > 0:
-        kth = -np.partition(-scores, config.top_k - 1, axis=-1)[:, config.top_k - 1 : config.top_k]
-        scores = np.where(scores < kth, -np.inf, scores)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    if 0 < config.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the first token)
-        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= config.top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+        search = make_search(config, batch, copies, rng, self.stop_ids, self.banned_ids, self.ids.pad)
+        rows.decode(search, np.repeat(logprobs, copies, axis=0))
+        return search.answers()
 
 
 def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], config: GenerationConfig,

@@ -159,12 +159,22 @@ class ModelRunner:
 
 class DecodingRows:
     """The rows decoding one blank of one generate call: `copies` rows (beams or samples) per live source,
-    stepping together. The search only steps them, reorders them and drops finished sources."""
+    stepping together. The search (`decode`) only steps them, reorders them and drops finished sources."""
 
     def __init__(self, runner: ModelRunner, batch: DecodingBatch, mask_positions):
         self.runner, self.batch, self.copies = runner, batch, batch.beams
         self.mask_positions = np.repeat(mask_positions, self.copies)  # per row: the position channel stays there
         self.generated = 0  # tokens fed since <|startofpiece|>
+
+    def decode(self, search, logprobs: np.ndarray):
+        """Runs `search` (glm/search.py) over these rows to its end, from the log-probabilities of their first
+        token: its moves reorder and drop rows and feed the next tokens."""
+        while True:
+            move = search.advance(logprobs)
+            if move is None:
+                return
+            self.select(move.rows, move.keep)
+            logprobs = self.step(move.tokens)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feeds one token per row; returns the next log-probabilities [rows, vocab]."""

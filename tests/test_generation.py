@@ -8,7 +8,8 @@ import pytest
 from conftest import tiny_config_kwargs
 
 from glm import GLMConfig, GLMForConditionalGeneration
-from glm.generation import GenerationConfig, GLMGenerator, id_runs, process_scores, top_k_indices
+from glm.generation import GenerationConfig, GLMGenerator
+from glm.search import id_runs, process_scores, top_k_indices
 from glm.model_runner import DecodingRows, ModelRunner
 from glm.tokenization import GLMSpecialIds
 
@@ -213,7 +214,7 @@ def test_bad_settings_are_clear_errors():
         generator.generate([source(5)], GenerationConfig(tgt_length=65))
 
 
-class ConcatCacheRows:
+class ConcatCacheRows(DecodingRows):  # its own cache; DecodingRows.decode runs the search over it
     """The cache layout before DecodingCache, kept as the reference: every row carries its own copy of the
     memory, the step's keys are concatenated onto it, and a beam reorder copies it all."""
 

@@ -19,11 +19,14 @@ from test_finetune import micro_model, micro_weights_model  # noqa: F401  (fixtu
 from test_generation import IDS, model_with_seed, source
 
 import predict_generation
+import glm.packed_gemm
+import glm.serving.engine
 from glm.decoding_cache import DEAD_STEPS_KEPT, DecodingBatch
 from glm.generation import GenerationConfig, GLMGenerator
 from glm.generation_settings import GenerationArguments
 from glm.model_runner import DecodingRows
 from glm.prediction import BLANK, Predictor
+from glm.search import advance_searches
 from glm.serving.app import ServeOptions, create_app
 from glm.serving.engine import Engine, QueueFull, Source, SourceListener
 from glm.serving.protocol import CompletionRequest, decoding_config
@@ -173,12 +176,16 @@ def test_sources_join_the_running_batch_and_leave_when_done(micro_weights_model,
     per_source = max(1, config.num_beams if name == "beam" else config.num_return_sequences)
     assert rows[0] == per_source and max(rows) == 4 * per_source  # joined the running batch
     assert rows[-1] < max(rows)  # and the batch shrank as sources finished
-    assert not predictor.generator.runner.lm_head_packed  # the engine's LM-head pack is dropped when idle
+    # the engine's LM-head pack stays while it runs (where Paddle bundles MKL's packed GEMM)
+    assert predictor.generator.runner.lm_head_packed == (glm.packed_gemm._mkl() is not None)
+    engine.stop(wait=False)
+    assert not engine.run_once()
+    assert not predictor.generator.runner.lm_head_packed  # and is dropped when it stops
 
 
-def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_weights_model):  # noqa: F811
+def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_weights_model, monkeypatch):  # noqa: F811
     """Greedy, sampling and two beam widths, at two max_tokens, all in the same steps (DecodingCacheGroup):
-    one forward per step, every answer as generate alone gives it."""
+    one forward and one search call per step, every answer as generate alone gives it."""
     predictor = load_predictor(micro_weights_model)
     requests = [({"temperature": 0}, 12), ({"temperature": 0}, 8), ({"temperature": 0.7, "seed": 1, "n": 2}, 12),
                 ({"num_beams": 3}, 12), ({"num_beams": 2, "n": 2}, 12)]  # fmt: skip
@@ -188,14 +195,18 @@ def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_wei
         ids = predictor.builder.build(prompt).input_ids
         work.append((ids, config, predictor.generator.generate([ids], config)[0]))
     engine = Engine(predictor.generator)
-    rows = []
+    rows, searched = [], []
     engine.on_step = rows.append
+    monkeypatch.setattr(glm.serving.engine, "advance_searches",
+                        lambda searches, logprobs: searched.append(len(searches)) or advance_searches(searches, logprobs))
     listeners = [Recorder() for _ in work]
     engine.submit([Source(ids, config, listener) for (ids, config, _), listener in zip(work, listeners)])
     while engine._live or engine._queue:
         engine.run_once()
     assert [listener.result for listener in listeners] == [alone for _, _, alone in work]
     assert max(rows) == 1 + 1 + 2 + 3 + 2  # every source's rows in one step
+    assert max(searched) == len(work)  # and every source's search in one call (glm.search.advance_searches)
+    assert len(searched) <= len(rows) + 2  # one per step (and one per round of starting blanks), not per source
 
 
 def test_a_long_running_batch_widens_its_memory_and_drops_steps_no_source_sees(monkeypatch):
@@ -214,14 +225,15 @@ def test_a_long_running_batch_widens_its_memory_and_drops_steps_no_source_sees(m
 
     def alone_step(rows, tokens):
         logprobs = original_rows_step(rows, tokens)
-        steps.setdefault("alone", []).append(logprobs)
+        steps.setdefault("alone", []).append(logprobs.copy())  # the search processes it in place
         return logprobs
 
     def engine_step(engine, batches, members):
-        results = original_engine_step(engine, batches, members)
-        for member, logprobs in zip(members, results):
-            steps.setdefault(tuple(member.source.ids), []).append(logprobs)
-        return results
+        logprobs = original_engine_step(engine, batches, members)
+        bounds = np.cumsum([0] + [member.copies for member in members])
+        for member, start, end in zip(members, bounds[:-1], bounds[1:]):
+            steps.setdefault(tuple(member.source.ids), []).append(logprobs[start:end].copy())
+        return logprobs
 
     monkeypatch.setattr(DecodingBatch, "_drop_dead_steps", recording_drop)
     monkeypatch.setattr(DecodingRows, "step", alone_step)

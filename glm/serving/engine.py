@@ -10,15 +10,18 @@ call each one is waiting on, and then runs them:
   * encoding sources, `<|startofpiece|>` and the answers put into memory between blanks: the calls of a
     round of the same kind as one forward (ModelRunner.extend_many, left-padded); a call alone exactly as
     predict with --batch_size 1 runs it;
-  * one decoding step of every source that is decoding, whatever its strategy, beam width, memory length
-    or generated count: ONE forward. The rows of all sources with the same rows per source (beams or
-    copies) live in one shared DecodingBatch (glm/decoding_cache.py): a source joins it when its blank
-    starts, its memory left-padded into the batch's, and leaves when it stops stepping, so attention runs
-    once per width for all sources, not once per source.
+  * a blank's decoding: generate hands the engine the blank's search (glm/search.py) and waits until it
+    has ended. Per step the engine runs ONE forward for the rows of every decoding source, whatever its
+    strategy, beam width, memory length or generated count, then ONE `advance_searches` call for all their
+    searches: the logit processors over all rows at once, one argmax for every greedy row, one top-k for
+    beam sources of a width, sampling from each source's own generator. No greenlet switch per step. The
+    rows of all sources with the same rows per source (beams or copies) live in one shared DecodingBatch
+    (glm/decoding_cache.py): a source joins it when its blank starts, its memory left-padded into the
+    batch's, and leaves when its search ends, so attention runs once per width for all sources.
 
-While anything decodes, the LM head is packed once for `max_rows` rows (ModelRunner.packed_lm_head).
+From the first request on, the LM head is packed once for `max_rows` rows (ModelRunner.packed_lm_head).
 
-So the search (processors, candidates, beam hypotheses) is generate's, not a copy. Batched with others, a
+So the search (processors, candidates, beam hypotheses) is predict's, not a copy. Batched with others, a
 source's weight matmuls see more rows and its attention runs over padded keys (masked, adding exact zeros),
 which can move the last float bits of its log-probabilities: the answer changes only if two candidates tie
 to that precision.
@@ -39,6 +42,7 @@ from paddlenlp.utils.log import logger
 from ..decoding_cache import DecodingBatch
 from ..generation import GenerationConfig, GLMGenerator, rows_per_source
 from ..model_runner import ModelRunner
+from ..search import Move, advance_searches
 
 __all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull", "ENGINE_PREFIX"]
 
@@ -126,25 +130,35 @@ class _EngineRunner(ModelRunner):
 
 
 class _SourceRows:
-    """One source's rows in a shared batch, as generate's search sees DecodingRows: `step` hands the tokens to
-    the engine, which steps every source's rows together; `select` records a reorder for that step."""
+    """One source's rows in a shared batch, as generate sees DecodingRows: `decode` hands the blank's search to
+    the engine, which advances the searches of all sources at once (glm.search.advance_searches) and steps
+    every source's rows together; the source's generate resumes when its search has ended."""
 
     def __init__(self, engine: "Engine", source: Source, mask_position: int, copies: int):
         self.engine, self.source, self.copies = engine, source, copies
         self.mask_position, self.generated = int(mask_position), 0
-        self.tokens: Optional[np.ndarray] = None  # this step's tokens, until the step runs
+        self.search = None  # the blank's search (glm/search.py), while it runs
+        self.first: Optional[np.ndarray] = None  # the log-probabilities of its first token, until chosen
+        self.tokens: Optional[np.ndarray] = None  # the next step's tokens, until the step runs
         self.order: Optional[np.ndarray] = None  # a pending reorder of its rows
 
-    def step(self, tokens):
-        self.source.listener.tokens(tokens)
-        self.generated += 1
-        self.tokens = tokens
-        return self.engine._call(self.source, ("step", self))
+    def decode(self, search, logprobs):
+        self.search, self.first = search, logprobs
+        self.engine._joining.append(self)
+        return self.engine._call(self.source, ("decode", self))
 
-    def select(self, rows, keep_sources):
-        if keep_sources.all() and not np.array_equal(rows, np.arange(len(rows))):
-            self.order = rows if self.order is None else self.order[rows]
-        # a source's generate has one source: keep_sources False means it is done and steps no more
+    def move(self, move):
+        """Applies the search's move: the rows' reorder and the tokens the next step feeds."""
+        if not np.array_equal(move.rows, np.arange(len(move.rows))):
+            self.order = move.rows if self.order is None else self.order[move.rows]
+        # a source's generate has one source: it stays until its search ends (move.keep is all True)
+        self.tokens = move.tokens
+        self.generated += 1
+        self.source.listener.tokens(move.tokens)
+
+    def leave(self):
+        """Steps no more: its search ended or its source was cancelled."""
+        self.search = self.first = self.tokens = None
 
     def positions(self):
         return np.tile([[self.mask_position, self.generated + 1]], (self.copies, 1))
@@ -203,6 +217,7 @@ class Engine:
         self._thread = None
         self._pack = contextlib.ExitStack()  # holds the runner's packed LM head while sources decode
         self._batches = {}  # rows per source -> _SharedBatch
+        self._joining: List[_SourceRows] = []  # sources whose blank's search waits for its first choice
 
     # -- what the server calls (any thread) ---------------------------------------------------------------
 
@@ -303,21 +318,24 @@ class Engine:
             if not extended:
                 break
             self._resume_all(extended)
+            self._resume_all(self._choose_first())  # a search that ended at once: its source goes on now
         if self._live:
             self._run_step()
         else:
             self._batches.clear()  # members left with their sources
-            self._drop_lm_head_pack()
-        return not (self._stopping and not self._live)
+        if self._stopping and not self._live:
+            self._pack.close()
+            return False
+        return True
 
     def _pack_lm_head(self):
-        """Packs the LM head for up to max_rows rows before sources start (their generate uses the engine's
-        runner through theirs). Dropped when nothing decodes: the pack is a copy of the weights."""
+        """Packs the LM head for up to max_rows rows when the first source starts (their generate uses the
+        engine's runner through theirs) and keeps it until the engine stops. The pack is a copy of the word
+        embeddings (227 MB for glm-large-chinese), but packing takes ~0.12 s on 2 cores for glm-large's
+        vocabulary: dropped whenever nothing decoded, it was a quarter of a lone request's latency on the
+        glm-large slice."""
         if not self.runner.lm_head_packed:
             self._pack.enter_context(self.runner.packed_lm_head(self.max_rows))
-
-    def _drop_lm_head_pack(self):
-        self._pack.close()
 
     def _shared(self, copies: int) -> _SharedBatch:
         return self._batches.setdefault(copies, _SharedBatch(copies))
@@ -345,6 +363,8 @@ class Engine:
         else:
             if source.cancel_reason is not None:
                 source._result = Cancelled(source.cancel_reason)
+                if source._job is not None and source._job[0] == "decode":
+                    source._job[1].leave()  # its rows leave their batch at the next step
             source._greenlet.switch()
 
     def _decode(self, source: Source):
@@ -399,30 +419,64 @@ class Engine:
                 source._result, source._ready = result, True
         return [source for group in extends.values() for source in group]
 
+    def _choose_first(self) -> List[Source]:
+        """The first tokens of the searches that started this round (their <|startofpiece|> log-probabilities);
+        returns the sources whose search ended at once."""
+        joining = [member for member in self._joining if member.first is not None]
+        self._joining = []
+        if not joining:
+            return []
+        logprobs = np.concatenate([member.first for member in joining])
+        return self._choose(joining, logprobs)
+
+    def _choose(self, members: List[_SourceRows], logprobs: np.ndarray) -> List[Source]:
+        """Advances the searches of `members` (their rows' log-probabilities stacked in `logprobs`) as one
+        advance_searches call: each member gets its next tokens, or its search ended and its source's generate
+        goes on. Returns the sources whose search ended."""
+        searches = [member.search for member in members]
+        for member in members:
+            member.first = None
+        try:
+            moves = advance_searches(searches, logprobs)
+        except Exception as error:  # noqa: BLE001  (raised in those sources' generate)
+            moves = [error] * len(members)
+        ended = []
+        for member, move in zip(members, moves):
+            if isinstance(move, Move):
+                member.move(move)
+                continue
+            member.leave()
+            member.source._result, member.source._ready = move, True  # None: decode returns; an error: raised
+            ended.append(member.source)
+        return ended
+
     def _run_step(self):
-        """One step of every source whose rows wait to step, as one forward; the others leave their batches."""
+        """One step of every source whose rows have tokens to feed, as one forward (the others leave their
+        batches), then the next choice of every search."""
         stepping = [(shared.batch, shared.settle()) for shared in list(self._batches.values())]
         stepping = [(batch, members) for batch, members in stepping if members]
         if not stepping:
             return
         members = [member for _, group in stepping for member in group]
         try:
-            results = self._step([batch for batch, _ in stepping], members)
+            logprobs = self._step([batch for batch, _ in stepping], members)
         except Exception as error:  # noqa: BLE001
-            results = [error] * len(members)
-        for member, result in zip(members, results):
+            for member in members:
+                member.leave()
+                member.source._result, member.source._ready = error, True
+            return
+        for member in members:
             member.tokens = None
-            member.source._result, member.source._ready = result, True
         if self.on_step is not None:
             self.on_step(sum(member.copies for member in members))
+        self._choose(members, logprobs)
 
-    def _step(self, batches: List[DecodingBatch], members: List[_SourceRows]) -> List[np.ndarray]:
-        """One decoding step of every member's rows as one forward; per member its log-probabilities."""
+    def _step(self, batches: List[DecodingBatch], members: List[_SourceRows]) -> np.ndarray:
+        """One decoding step of every member's rows as one forward: the log-probabilities of all rows, in
+        member order."""
         # no_grad here, not only around the loop: the sources' generate calls enter and leave paddle.no_grad
         # interleaved on this one thread, so the mode they restore is not necessarily the loop's.
         with paddle.no_grad():
             tokens = np.concatenate([member.tokens for member in members]).astype("int64")
             positions = np.concatenate([member.positions() for member in members])
-            logprobs = self.runner.step(batches, tokens, positions)
-        bounds = np.cumsum([0] + [member.copies for member in members])
-        return [logprobs[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+            return self.runner.step(batches, tokens, positions)
