@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import platform
 import shutil
@@ -23,14 +24,13 @@ import sys
 import tempfile
 import time
 
-import logging
-
 import httpx
 import psutil
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # its INFO line per request buries the figures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from glm.cli.process import initial_environment  # noqa: E402
 TOKENIZER_FILES = ("added_tokens.json", "cog-pretrain.model", "special_tokens_map.json", "tokenizer_config.json")
 PROMPTS = ["类型#裙*颜色#红色*风格#复古", "类型#上衣*材质#棉*风格#休闲*图案#条纹", "这款[MASK]的连衣裙，穿着舒适。", "类型#裤*版型#宽松"]
 
@@ -55,6 +55,9 @@ class Server:
             [sys.executable, os.path.join(ROOT, "server.py"), "--model_name_or_path", model, "--port", "0",
              "--src_length", "64", "--tgt_length", "64", "--max_queue", "256", "--max_batch_rows", "64"],
             stderr=subprocess.PIPE, text=True,
+            # The environment this process started with: importing paddle here (make_model) wrote
+            # OMP_NUM_THREADS=1 into os.environ, which server.py would take for the user's and compute on one core.
+            env=initial_environment(),
         )  # fmt: skip
         for line in self.process.stderr:
             if line.startswith("serving "):
