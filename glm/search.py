@@ -179,7 +179,25 @@ class Move:
     keep: np.ndarray
 
 
-class SampleSearch:
+class _Search:
+    """What every search has: `copies` rows per source, `live` the sources still decoding (in the order of their
+    rows), `step` the tokens chosen so far."""
+
+    copies: int
+    live: np.ndarray
+    step: int
+
+    @property
+    def live_rows(self) -> np.ndarray:
+        return (self.live[:, None] * self.copies + np.arange(self.copies)).reshape(-1)
+
+    def advance(self, logprobs: np.ndarray) -> Optional[Move]:
+        """The next step's Move from the live rows' log-probabilities [rows, vocab] (modified in place), or None
+        once the search has ended."""
+        return advance_searches([self], logprobs)[0]
+
+
+class SampleSearch(_Search):
     """Greedy search or sampling of one blank over `sources` x `copies` rows (the sampled answers of a source;
     greedy: one). A row ends at a stop token; a source leaves when all its rows ended."""
 
@@ -190,14 +208,7 @@ class SampleSearch:
         self.lengths = np.zeros(sources * copies, dtype="int64")
         self.finished = np.zeros(sources * copies, dtype=bool)
         self.live = np.arange(sources)  # the sources still decoding, in the order of their rows
-        self.step = 0  # tokens chosen so far
-
-    @property
-    def live_rows(self) -> np.ndarray:
-        return (self.live[:, None] * self.copies + np.arange(self.copies)).reshape(-1)
-
-    def advance(self, logprobs: np.ndarray) -> Optional[Move]:
-        return advance_searches([self], logprobs)[0]
+        self.step = 0
 
     def record(self, tokens: np.ndarray) -> Optional[Move]:
         """Takes the tokens chosen for the live rows; the next step's Move, or None when every row ended."""
@@ -220,7 +231,7 @@ class SampleSearch:
         return [answers[b : b + self.copies] for b in range(0, len(answers), self.copies)]
 
 
-class BeamSearch:
+class BeamSearch(_Search):
     """THUDM's beam search of one blank over `sources` x `beams` rows: per step the best continuations of each
     source's beams, a stop ranked within the beam width ending that beam as a hypothesis (BeamHypotheses); a
     source leaves when its hypotheses cannot be beaten."""
@@ -237,17 +248,10 @@ class BeamSearch:
         self.step = 0
 
     @property
-    def live_rows(self) -> np.ndarray:
-        return (self.live[:, None] * self.copies + np.arange(self.copies)).reshape(-1)
-
-    @property
     def candidate_count(self) -> int:
         # THUDM takes 2 x beams candidates for its one end token; with two stop ids, 3 x beams guarantees
         # num_beams continuations even if every beam's best tokens are stops.
         return (1 + len(self.stop_ids)) * self.copies
-
-    def advance(self, logprobs: np.ndarray) -> Optional[Move]:
-        return advance_searches([self], logprobs)[0]
 
     def flat_scores(self, scores: np.ndarray) -> np.ndarray:
         """Processed log-probabilities plus the running beam scores, [live sources, beams * vocab]."""
