@@ -33,7 +33,8 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     max_queue: int = 64  # requests waiting to join the batch; one more gets 503
     max_rows: int = 64  # rows decoding together (beams or answer copies summed over prompts)
-    max_request_rows: int = 64  # rows of one request (prompts x beams or answers): more is refused, never run alone
+    max_request_rows: int = 32  # rows of one request (prompts x beams or answers): more is refused; half the batch, so
+    # one request never fills it and holds every other back until it ends
     request_timeout: float = 300.0  # seconds from arrival to the last token
     retry_after: int = 1  # the Retry-After of a 503
     allowed_hosts: Optional[List[str]] = None  # Host names accepted (None: any; see middleware.AllowedHosts)
