@@ -86,8 +86,8 @@ def ban_repeated_ngrams(scores, generated, step, n):
 def process_scores(scores, generated, step, config, stop_ids, banned_ids):
     """THUDM's logit processors on log-probabilities [rows, vocab], in place, vectorised over rows: banned ids
     (as `id_runs`), min length (the stop ids until `min_tgt_length` tokens exist), no-repeat-ngram.
-    `generated` [rows, step] holds every row's tokens so far. Returns `scores`. (`advance_searches` applies
-    the same three to the rows of several searches at once.)"""
+    `generated` [rows, step] holds every row's tokens so far (read only with no_repeat_ngram_size). Returns
+    `scores`."""
     ban_ids(scores, banned_ids)
     if step < config.min_tgt_length:
         scores[:, stop_ids] = -np.inf
@@ -300,30 +300,18 @@ def make_search(config, sources: int, copies: int, rng, stop_ids, banned_ids, pa
     return kind(sources, copies, config, rng, stop_ids, banned_ids, pad)
 
 
-def _same(values) -> bool:
-    return all(value is values[0] for value in values)
-
-
 def _process_together(searches, scores: np.ndarray, bounds: np.ndarray):
-    """process_scores on the stacked live rows of `searches` (search i's rows are scores[bounds[i]:bounds[i+1]]):
-    the banned ids and the stops blocked before min_tgt_length as one operation over all rows, the n-gram bans
-    per search (they depend on its own tokens and length)."""
-    if _same([search.banned_ids for search in searches]):
+    """process_scores on the stacked live rows of `searches` (search i's rows are scores[bounds[i]:bounds[i+1]]).
+    The banned ids, a slice of most of the vocabulary on every row, as one operation over all rows when the
+    searches share them (one generator's); min length and n-gram bans per search (its own length and tokens)."""
+    shared = all(search.banned_ids is searches[0].banned_ids for search in searches)
+    if shared:
         ban_ids(scores, searches[0].banned_ids)
-    else:
-        for search, start, end in zip(searches, bounds[:-1], bounds[1:]):
-            ban_ids(scores[start:end], search.banned_ids)
-    short = np.repeat([search.step < search.config.min_tgt_length for search in searches], np.diff(bounds))
-    if short.any() and _same([search.stop_ids for search in searches]):
-        scores[np.flatnonzero(short)[:, None], searches[0].stop_ids[None, :]] = -np.inf
-    elif short.any():
-        for search, start, end in zip(searches, bounds[:-1], bounds[1:]):
-            if search.step < search.config.min_tgt_length:
-                scores[start:end, search.stop_ids] = -np.inf
     for search, start, end in zip(searches, bounds[:-1], bounds[1:]):
-        if search.config.no_repeat_ngram_size:
-            ban_repeated_ngrams(scores[start:end], search.generated[search.live_rows, : search.step], search.step,
-                                search.config.no_repeat_ngram_size)
+        # only the n-gram ban reads the tokens so far: not gathered for the searches without one
+        generated = search.generated[search.live_rows, : search.step] if search.config.no_repeat_ngram_size else None
+        process_scores(scores[start:end], generated, search.step, search.config, search.stop_ids,
+                       () if shared else search.banned_ids)
 
 
 def advance_searches(searches: Sequence, logprobs: np.ndarray) -> List[Optional[Move]]:

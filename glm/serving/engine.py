@@ -138,13 +138,12 @@ class _SourceRows:
         self.engine, self.source, self.copies = engine, source, copies
         self.mask_position, self.generated = int(mask_position), 0
         self.search = None  # the blank's search (glm/search.py), while it runs
-        self.first: Optional[np.ndarray] = None  # the log-probabilities of its first token, until chosen
         self.tokens: Optional[np.ndarray] = None  # the next step's tokens, until the step runs
         self.order: Optional[np.ndarray] = None  # a pending reorder of its rows
 
     def decode(self, search, logprobs):
-        self.search, self.first = search, logprobs
-        self.engine._joining.append(self)
+        self.search = search
+        self.engine._joining.append((self, logprobs))  # its first choice, made before this round's step
         return self.engine._call(self.source, ("decode", self))
 
     def move(self, move):
@@ -158,7 +157,13 @@ class _SourceRows:
 
     def leave(self):
         """Steps no more: its search ended or its source was cancelled."""
-        self.search = self.first = self.tokens = None
+        self.search = self.tokens = None
+
+    def end(self, result):
+        """Its search ended (`result` None) or failed (the error): it leaves, and its source's generate goes on
+        from `decode` with that result at the next resume."""
+        self.leave()
+        self.source._result, self.source._ready = result, True
 
     def positions(self):
         return np.tile([[self.mask_position, self.generated + 1]], (self.copies, 1))
@@ -217,7 +222,7 @@ class Engine:
         self._thread = None
         self._pack = contextlib.ExitStack()  # holds the runner's packed LM head while sources decode
         self._batches = {}  # rows per source -> _SharedBatch
-        self._joining: List[_SourceRows] = []  # sources whose blank's search waits for its first choice
+        self._joining: List[tuple] = []  # (rows, first log-probabilities) of the searches started this round
 
     # -- what the server calls (any thread) ---------------------------------------------------------------
 
@@ -422,32 +427,26 @@ class Engine:
     def _choose_first(self) -> List[Source]:
         """The first tokens of the searches that started this round (their <|startofpiece|> log-probabilities);
         returns the sources whose search ended at once."""
-        joining = [member for member in self._joining if member.first is not None]
-        self._joining = []
+        joining, self._joining = self._joining, []
         if not joining:
             return []
-        logprobs = np.concatenate([member.first for member in joining])
-        return self._choose(joining, logprobs)
+        return self._choose([member for member, _ in joining], np.concatenate([first for _, first in joining]))
 
     def _choose(self, members: List[_SourceRows], logprobs: np.ndarray) -> List[Source]:
         """Advances the searches of `members` (their rows' log-probabilities stacked in `logprobs`) as one
         advance_searches call: each member gets its next tokens, or its search ended and its source's generate
         goes on. Returns the sources whose search ended."""
-        searches = [member.search for member in members]
-        for member in members:
-            member.first = None
         try:
-            moves = advance_searches(searches, logprobs)
+            moves = advance_searches([member.search for member in members], logprobs)
         except Exception as error:  # noqa: BLE001  (raised in those sources' generate)
             moves = [error] * len(members)
         ended = []
         for member, move in zip(members, moves):
             if isinstance(move, Move):
                 member.move(move)
-                continue
-            member.leave()
-            member.source._result, member.source._ready = move, True  # None: decode returns; an error: raised
-            ended.append(member.source)
+            else:
+                member.end(move)
+                ended.append(member.source)
         return ended
 
     def _run_step(self):
@@ -460,10 +459,9 @@ class Engine:
         members = [member for _, group in stepping for member in group]
         try:
             logprobs = self._step([batch for batch, _ in stepping], members)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001  (raised in those sources' generate)
             for member in members:
-                member.leave()
-                member.source._result, member.source._ready = error, True
+                member.end(error)
             return
         for member in members:
             member.tokens = None
