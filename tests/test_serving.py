@@ -152,6 +152,28 @@ class Recorder(SourceListener):
         self.result = reason
 
 
+def test_first_tokens_go_out_before_the_step_of_the_round_that_chose_them(micro_weights_model):  # noqa: F811
+    """A new source's first token comes from its <|startofpiece|> pass: the engine hands it to the server
+    (events_ready) before the round's batched step, not a step later."""
+    predictor = load_predictor(micro_weights_model)
+    config = decoding_config(CompletionRequest(prompt="", max_tokens=4, temperature=0), GenerationArguments(**DEFAULTS), 4, 128)
+    events = []
+
+    class Tokens(Recorder):
+        def tokens(self, tokens):
+            events.append("token")
+
+    engine = Engine(predictor.generator)
+    engine.on_step = lambda rows: events.append("step")
+    engine.events_ready = lambda: events.append("ready")
+    engine.submit([Source(predictor.builder.build(PROMPTS[0]).input_ids, config, Tokens())])
+    engine.run_once()
+    assert events[:4] == ["token", "ready", "step", "token"], events
+    engine.stop(wait=False)
+    while engine.run_once():
+        pass
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_sources_join_the_running_batch_and_leave_when_done(micro_weights_model, name):  # noqa: F811
     """The engine stepped by hand: one source alone for 3 steps, then three more join; every result equals

@@ -205,15 +205,16 @@ class Engine:
 
     max_rows: decoding rows (beams, or answer copies, summed over sources) in the batch; a request that would
     exceed them waits, unless nothing decodes (then it runs alone). max_queue: requests waiting; one more is
-    refused with QueueFull. `on_step(rows)` is called after each batched step (metrics); `after_round()` after
-    each round of the loop (the listeners' events of that round are complete: the server delivers them)."""
+    refused with QueueFull. `on_step(rows)` is called after each batched step (metrics); `events_ready()`
+    whenever the listeners' events recorded so far can be delivered (the server delivers them): once the
+    searches started in a round have chosen their first tokens, before the round's step, and after each round."""
 
     def __init__(self, generator: GLMGenerator, max_rows: int = 64, max_queue: int = 64,
                  on_step: Optional[Callable[[int], None]] = None):
         self.generator, self.runner = generator, generator.runner
         self.max_rows, self.max_queue = max_rows, max_queue
         self.on_step = on_step
-        self.after_round: Optional[Callable[[], None]] = None
+        self.events_ready: Optional[Callable[[], None]] = None
         self._lock = threading.Condition()
         self._queue = collections.deque()  # requests (lists of sources) not yet decoding
         self._live: List[Source] = []
@@ -280,8 +281,7 @@ class Engine:
                 for source in self._live:
                     source.cancel(f"engine error: {error}")
             finally:
-                if self.after_round is not None:
-                    self.after_round()
+                self._events_ready()
 
     @paddle.no_grad()
     def run_once(self, wait: float = 0.0) -> bool:
@@ -323,7 +323,9 @@ class Engine:
             if not extended:
                 break
             self._resume_all(extended)
-            self._resume_all(self._choose_first())  # a search that ended at once: its source goes on now
+            if self._joining:
+                self._resume_all(self._choose_first())  # a search that ended at once: its source goes on now
+                self._events_ready()  # first tokens go out now, not after the step
         if self._live:
             self._run_step()
         else:
@@ -332,6 +334,10 @@ class Engine:
             self._pack.close()
             return False
         return True
+
+    def _events_ready(self):
+        if self.events_ready is not None:
+            self.events_ready()
 
     def _pack_lm_head(self):
         """Packs the LM head for up to max_rows rows when the first source starts (their generate uses the

@@ -1,7 +1,7 @@
 """One request's decoding as the event loop sees it: its sources in the engine, and their answers arriving
 as events on an asyncio queue. The engine's thread only records raw tokens (`_Listener`); handing them over
 costs it one deque append, and one loop.call_soon_threadsafe wakes the loop for everything recorded since
-the last round of steps (`Outbox`). Tokens become text pieces on the loop's side, in `Generation.events`."""
+the engine last said its events were ready (`Outbox`). Tokens become text pieces on the loop's side, in `Generation.events`."""
 
 import asyncio
 import collections
@@ -25,7 +25,8 @@ class Ended(Exception):
 
 class Outbox:
     """Events from the engine's thread to asyncio queues on one loop: `put` only appends; `flush` (the engine
-    calls it once per round of steps) wakes the loop once for everything pending. A call_soon_threadsafe per
+    calls it once a round, and once more when a round's new searches have chosen their first tokens) wakes the
+    loop once for everything pending. A call_soon_threadsafe per
     event was a fifth of the engine thread's time under 16 streaming clients: each wake-up hands the GIL to
     the loop's thread and back."""
 

@@ -74,7 +74,7 @@ class ServingState:
     def start(self):
         """On the event loop (the app's lifespan)."""
         self.outbox = Outbox(asyncio.get_running_loop())
-        self.engine.after_round = self.outbox.flush
+        self.engine.events_ready = self.outbox.flush
         self.engine.start()
         self.accepting = True
         self.metrics.ready.set(1)
