@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 
 __all__ = ["MASKED_SCORE", "LayerCache", "StepCache", "StepMask", "DecodingCache", "DecodingMask", "DecodingBatch",
-           "DecodingCacheGroup", "DecodingMaskGroup"]
+           "DecodingCacheGroup", "DecodingMaskGroup", "left_padded"]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -49,6 +49,13 @@ def _zeros_like_columns(tensor, columns):
     shape = list(tensor.shape)
     shape[2] = columns
     return paddle.zeros(shape, dtype=tensor.dtype)
+
+
+def left_padded(tensor, width: int):
+    """Keys or values [sources, heads, columns, head_dim] with zero columns in front, to `width` columns (a
+    memory padded to a wider one: the mask marks those columns invalid)."""
+    gap = width - tensor.shape[2]
+    return paddle.concat([_zeros_like_columns(tensor, gap), tensor], axis=2) if gap else tensor
 
 
 class DecodingCache(StepCache):

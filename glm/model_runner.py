@@ -20,7 +20,7 @@ from typing import List, Sequence
 import numpy as np
 import paddle
 
-from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor
+from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor, left_padded
 from .packed_gemm import packed_transposed
 from .prefix import prefix_model
 
@@ -103,8 +103,7 @@ class ModelRunner:
             position_ids.append(np.concatenate([np.zeros((rows, 2, short), dtype="int64"), positions], axis=2))
             new_valid.append(np.concatenate([np.zeros((rows, short), dtype=bool), new], axis=1))
             if cache:
-                caches.append([tuple(paddle.concat([paddle.zeros([rows, t.shape[1], gap, t.shape[3]], dtype=t.dtype), t], axis=2)
-                                     if gap else t for t in layer) for layer in cache])  # fmt: skip
+                caches.append([tuple(left_padded(t, memory) for t in layer) for layer in cache])
         cache = None
         if caches:
             cache = [tuple(paddle.concat([call[layer][part] for call in caches]) for part in (0, 1))

@@ -39,7 +39,7 @@ import paddle
 from greenlet import greenlet
 from paddlenlp.utils.log import logger
 
-from ..decoding_cache import DecodingBatch
+from ..decoding_cache import DecodingBatch, left_padded
 from ..generation import GenerationConfig, GLMGenerator, rows_per_source
 from ..model_runner import ModelRunner
 from ..search import Move, advance_searches
@@ -171,22 +171,41 @@ class _SourceRows:
 
 class _SharedBatch:
     """The engine's DecodingBatch for sources of one width (`copies` rows each), with its members in row order.
-    Every member steps at every step; one that did not ask to step leaves before the step runs."""
+    Every member steps at every step; one that did not ask to step leaves before the step runs. Members that
+    join in a round enter the batch together before its step: one copy of the batch's caches for all of them
+    (a join each was ~1 ms of Paddle ops per source, 18 ms of the round 15 tiny requests arrived in)."""
 
     def __init__(self, copies: int):
         self.copies = copies
         self.batch: Optional[DecodingBatch] = None
         self.members: List[_SourceRows] = []
+        self._joining = []  # (cache, memory_valid, capacity) of members not yet in the batch, in member order
 
     def join(self, rows: _SourceRows, cache, memory_valid, capacity):
-        if self.batch is None:
-            self.batch = DecodingBatch(cache, memory_valid, self.copies, capacity)
-        else:
-            self.batch.join(cache, memory_valid, capacity)
         self.members.append(rows)
+        self._joining.append((cache, memory_valid, capacity))
+
+    def _enter_joining(self):
+        joining, self._joining = self._joining, []
+        if not joining:
+            return
+        if len(joining) == 1:
+            cache, valid, capacity = joining[0]
+        else:
+            width = max(valid.shape[1] for _, valid, _ in joining)  # memories left-padded to the widest
+            valid = np.concatenate([np.pad(v, ((0, 0), (width - v.shape[1], 0))) for _, v, _ in joining])
+            cache = [tuple(paddle.concat([left_padded(call[0][layer][part], width) for call in joining])
+                           for part in (0, 1)) for layer in range(len(joining[0][0]))]  # fmt: skip
+            capacity = max(capacity for _, _, capacity in joining)
+        if self.batch is None:
+            self.batch = DecodingBatch(cache, valid, self.copies, capacity)
+        else:
+            self.batch.join(cache, valid, capacity)
 
     def settle(self) -> List[_SourceRows]:
-        """Applies leaving members and pending reorders; returns the members stepping now, in row order."""
+        """Enters the members that joined, applies leaving members and pending reorders; returns the members
+        stepping now, in row order."""
+        self._enter_joining()
         keep = np.array([member.tokens is not None for member in self.members], dtype=bool)
         if not keep.any():
             self.batch, self.members = None, []
@@ -458,8 +477,11 @@ class Engine:
     def _run_step(self):
         """One step of every source whose rows have tokens to feed, as one forward (the others leave their
         batches), then the next choice of every search."""
-        stepping = [(shared.batch, shared.settle()) for shared in list(self._batches.values())]
-        stepping = [(batch, members) for batch, members in stepping if members]
+        stepping = []
+        for shared in list(self._batches.values()):
+            members = shared.settle()  # first: it makes or grows the batch for the members that joined
+            if members:
+                stepping.append((shared.batch, members))
         if not stepping:
             return
         members = [member for _, group in stepping for member in group]
