@@ -22,7 +22,7 @@ import paddle
 from .bounds import COUNT, LENGTH_PENALTY, MIN_TGT_LENGTH, NON_NEGATIVE, POSITIVE, RATIO, SEED, TGT_LENGTH
 from .decoding_cache import as_tensor
 from .errors import InvalidSettings
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, without_last_column
 from .search import id_runs, make_search
 from .tokenization import GLMSpecialIds
 
@@ -131,10 +131,15 @@ class GLMGenerator:
                     f"max_sequence_length is {self.max_positions}"
                 )
         rng = np.random.default_rng(config.seed)
-        cache, memory_valid = self.runner.encode(sources, self.ids.pad)
+        # The sources and the first blank's <|startofpiece|> in one pass: its memory ends with that token.
+        first = np.array([positions[0] for positions in blanks])
+        cache, memory_valid, logprobs = self.runner.encode(sources, self.ids.pad, start=(self.ids.sop, first))
+        started = (cache, memory_valid, logprobs)
         results = [[] for _ in sources]
         active = list(range(len(sources)))  # the sources whose rows are in the cache, in cache order
         for blank in range(max(len(positions) for positions in blanks)):
+            if blank == 1:  # later blanks start from the sources' memory alone, answers put in after it
+                cache, memory_valid = without_last_column(cache, memory_valid)
             keep = [i for i, source in enumerate(active) if len(blanks[source]) > blank]
             if len(keep) < len(active):  # sources with no blank left drop out of the cache
                 index = as_tensor(np.array(keep, dtype="int64"))
@@ -142,7 +147,7 @@ class GLMGenerator:
                 memory_valid = memory_valid[keep]
                 active = [active[i] for i in keep]
             mask_positions = np.array([blanks[source][blank] for source in active])
-            answers = self._decode_blank(cache, memory_valid, mask_positions, config, rng)
+            answers = self._decode_blank(cache, memory_valid, mask_positions, config, rng, started if blank == 0 else None)
             if on_blank is not None:
                 on_blank(blank, answers)
             for source, answer in zip(active, answers):
@@ -163,19 +168,24 @@ class GLMGenerator:
             position_ids[row, 0] = mask_positions[row]
             position_ids[row, 1, : len(answer) + 1] = np.arange(1, len(answer) + 2)
             valid[row, : len(answer) + 1] = True
-        cache, memory_valid, _ = self.runner.extend(cache, memory_valid, input_ids, position_ids, valid, True, False)
+        cache, memory_valid, _ = self.runner.extend(cache, memory_valid, input_ids, position_ids, valid, 0, False)
         return cache, memory_valid
 
     # -- the search ---------------------------------------------------------------------------------
 
-    def _decode_blank(self, cache, memory_valid, mask_positions, config, rng):
+    def _decode_blank(self, cache, memory_valid, mask_positions, config, rng, started=None):
+        """`started`: (cache, memory_valid, log-probabilities) with the blank's <|startofpiece|> already in
+        the memory (the first blank's, encoded with the sources)."""
         batch = len(mask_positions)
         # <|startofpiece|> joins the memory the beams / samples of a source share; it predicts token 1.
-        sop = np.full((batch, 1), self.ids.sop, dtype="int64")
-        position_ids = np.stack([mask_positions, np.ones_like(mask_positions)], axis=1)[:, :, None]
-        cache, memory_valid, logprobs = self.runner.extend(
-            cache, memory_valid, sop, position_ids, np.ones((batch, 1), dtype=bool), True, True
-        )
+        if started is not None:
+            cache, memory_valid, logprobs = started
+        else:
+            sop = np.full((batch, 1), self.ids.sop, dtype="int64")
+            position_ids = np.stack([mask_positions, np.ones_like(mask_positions)], axis=1)[:, :, None]
+            cache, memory_valid, logprobs = self.runner.extend(
+                cache, memory_valid, sop, position_ids, np.ones((batch, 1), dtype=bool), 0, True
+            )
         copies = rows_per_source(config)
         rows = self.runner.start_rows(cache, memory_valid, mask_positions, copies, config.tgt_length)
         search = make_search(config, batch, copies, rng, self.stop_ids, self.banned_ids, self.ids.pad)

@@ -1,8 +1,9 @@
 """The one interface decoding uses to run the model: GLMGenerator (predict, evaluate) and the server's engine
 both go through a ModelRunner, and nothing else reaches into the model while decoding.
 
-  * `extend`: feed [rows, q] tokens with explicit 2-D positions on top of a plain cache (encoding sources,
-    `<|startofpiece|>`, answers put into memory between blanks); the cache comes back;
+  * `extend`: feed [rows, q] tokens with explicit 2-D positions on top of a plain cache (encoding sources
+    with the first blank's `<|startofpiece|>`, a later blank's, answers put into memory between blanks); the
+    cache comes back;
   * `start_rows`: the DecodingRows of one blank (`copies` rows per source over a DecodingBatch);
   * `step`: one token per row of one or more DecodingBatches through ONE forward, the last position's
     log-probabilities back in NumPy;
@@ -24,7 +25,7 @@ from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup
 from .packed_gemm import packed_transposed
 from .prefix import prefix_model
 
-__all__ = ["ModelRunner", "DecodingRows", "log_softmax"]
+__all__ = ["ModelRunner", "DecodingRows", "log_softmax", "extend_kind", "without_last_column"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -74,14 +75,15 @@ class ModelRunner:
         logits = self.model.lm_logits(hidden[:, -1], packed=self._packed)
         return log_softmax(logits.numpy().astype("float32", copy=False))
 
-    def extend(self, cache, memory_valid, input_ids, position_ids, new_valid, causal, with_logprobs):
+    def extend(self, cache, memory_valid, input_ids, position_ids, new_valid, bidirectional, with_logprobs):
         """Feed [N, q] tokens on top of the memory (`cache` None or per layer (keys, values); memory_valid bool
-        [N, M]); returns (cache, memory_valid, last-position log-probs or None)."""
+        [N, M]); returns (cache, memory_valid, last-position log-probs or None). The first `bidirectional` new
+        tokens see each other both ways (a source: GLM's Part A); the others see the new tokens up to themselves
+        (0: all causal, as answers are; q: a source alone). Every token sees the valid memory."""
         rows, q = input_ids.shape
         memory = memory_valid.shape[1]
-        new_keys = np.broadcast_to(new_valid[:, None, :], (rows, q, q))
-        if causal:
-            new_keys = new_keys & np.tril(np.ones((q, q), dtype=bool))
+        seen = np.tri(q, dtype=bool) | (np.arange(q) < bidirectional)  # [query, key]
+        new_keys = new_valid[:, None, :] & seen
         old_keys = np.broadcast_to(memory_valid[:, None, :], (rows, q, memory))
         mask = np.concatenate([old_keys, new_keys], axis=-1)[:, None]  # [N, 1, q, M + q]
         hidden, cache = self.forward(cache or None, input_ids, position_ids, mask)
@@ -89,12 +91,17 @@ class ModelRunner:
         return cache, np.concatenate([memory_valid, new_valid], axis=1), logprobs
 
     def extend_many(self, calls: List[tuple], pad: int) -> List[tuple]:
-        """Several `extend` calls (their argument tuples, all causal or all not, with the same layers) as ONE
-        forward: each call's memory and new tokens left-padded to the longest (padding is marked invalid, so
-        never attended; the last position stays each call's last token). Returns each call's result, its cache
-        holding the padding columns (invalid in its memory_valid)."""
+        """Several `extend` calls of one `extend_kind` (their argument tuples) as ONE forward: each call's
+        memory and new tokens left-padded to the longest (padding is marked invalid, so never attended; the
+        last position stays each call's last token). Returns each call's result, its cache holding the padding
+        columns (invalid in its memory_valid)."""
+        kinds = {extend_kind(call) for call in calls}
+        if len(kinds) > 1:
+            raise ValueError(f"extend_many: calls of different kinds {sorted(kinds, key=str)}")
         memory = max(call[1].shape[1] for call in calls)
         q = max(call[2].shape[1] for call in calls)
+        causal_tokens = extend_kind(calls[0])[1]
+        bidirectional = 0 if causal_tokens is None else q - causal_tokens  # the padding joins the source
         caches, memory_valid, input_ids, position_ids, new_valid = [], [], [], [], []
         for cache, valid, ids, positions, new, _, _ in calls:
             rows, gap, short = ids.shape[0], memory - valid.shape[1], q - ids.shape[1]
@@ -109,7 +116,7 @@ class ModelRunner:
             cache = [tuple(paddle.concat([call[layer][part] for call in caches]) for part in (0, 1))
                      for layer in range(len(caches[0]))]  # fmt: skip
         cache, valid, logprobs = self.extend(cache, np.concatenate(memory_valid), np.concatenate(input_ids),
-                                             np.concatenate(position_ids), np.concatenate(new_valid), calls[0][5],
+                                             np.concatenate(position_ids), np.concatenate(new_valid), bidirectional,
                                              calls[0][6])  # fmt: skip
         results, start = [], 0
         for call in calls:
@@ -119,24 +126,33 @@ class ModelRunner:
             start = end
         return results
 
-    def encode(self, sources: Sequence[Sequence[int]], pad: int):
-        """One bidirectional pass over the sources, left-padded, after the prefix if there is one: (cache,
-        memory_valid)."""
+    def encode(self, sources: Sequence[Sequence[int]], pad: int, start=None):
+        """One pass over the sources, left-padded, after the prefix if there is one: (cache, memory_valid).
+        `start`: (the <|startofpiece|> id, each source's first blank position): that blank's <|startofpiece|>
+        goes through the same pass, after the source and seeing all of it, as THUDM's first forward over
+        `source <|startofpiece|>` does; it returns (cache, memory_valid, its log-probabilities), the cache's
+        last column the <|startofpiece|>'s (`without_last_column` gives the source's memory alone)."""
         length = max(len(source) for source in sources)
         input_ids = np.full((len(sources), length), pad, dtype="int64")
         position_ids = np.zeros((len(sources), 2, length), dtype="int64")
         valid = np.zeros((len(sources), length), dtype=bool)
         for row, source in enumerate(sources):
-            start = length - len(source)
-            input_ids[row, start:] = source
-            position_ids[row, 0, start:] = np.arange(len(source))
-            valid[row, start:] = True
+            begin = length - len(source)
+            input_ids[row, begin:] = source
+            position_ids[row, 0, begin:] = np.arange(len(source))
+            valid[row, begin:] = True
+        if start is not None:
+            sop, mask_positions = start
+            input_ids = np.concatenate([input_ids, np.full((len(sources), 1), sop, dtype="int64")], axis=1)
+            sop_positions = np.stack([mask_positions, np.ones_like(mask_positions)], axis=1)[:, :, None]
+            position_ids = np.concatenate([position_ids, sop_positions.astype("int64")], axis=2)
+            valid = np.concatenate([valid, np.ones((len(sources), 1), dtype=bool)], axis=1)
         cache, memory = None, np.zeros((len(sources), 0), dtype=bool)
         if self.prefix is not None:
             cache = self.prefix.layer_caches(len(sources))
             memory = np.ones((len(sources), self.prefix.num_prefix_tokens), dtype=bool)
-        cache, memory_valid, _ = self.extend(cache, memory, input_ids, position_ids, valid, False, False)
-        return cache, memory_valid
+        cache, memory_valid, logprobs = self.extend(cache, memory, input_ids, position_ids, valid, length, start is not None)
+        return (cache, memory_valid) if start is None else (cache, memory_valid, logprobs)
 
     def start_rows(self, cache, memory_valid, mask_positions, copies: int, capacity: int) -> "DecodingRows":
         """The rows decoding one blank from memory `cache`: `copies` per source, at most `capacity` steps."""
@@ -154,6 +170,19 @@ class ModelRunner:
             mask = DecodingMaskGroup([batch.mask for batch in batches])
         hidden, _ = self.forward(cache, tokens[:, None], position_ids[:, :, None], mask)
         return self.logprobs(hidden)
+
+
+def extend_kind(call: tuple) -> tuple:
+    """What `extend` calls (argument tuples) must share to run as one forward (extend_many): a prefix memory
+    or none, the number of causal tokens at the end (None: all causal, whatever their number), log-probs or not."""
+    cache, _, input_ids, _, _, bidirectional, with_logprobs = call
+    causal = input_ids.shape[1] - bidirectional
+    return cache is None, None if bidirectional == 0 else max(causal, 0), bool(with_logprobs)
+
+
+def without_last_column(cache, memory_valid):
+    """A memory (cache, memory_valid) without its last key column."""
+    return [(keys[:, :, :-1], values[:, :, :-1]) for keys, values in cache], memory_valid[:, :-1]
 
 
 class DecodingRows:

@@ -10,7 +10,7 @@ from conftest import tiny_config_kwargs
 from glm import GLMConfig, GLMForConditionalGeneration
 from glm.generation import GenerationConfig, GLMGenerator
 from glm.search import id_runs, process_scores, top_k_indices
-from glm.model_runner import DecodingRows, ModelRunner
+from glm.model_runner import DecodingRows, ModelRunner, without_last_column
 from glm.tokenization import GLMSpecialIds
 
 IDS = GLMSpecialIds(cls=90, eos=91, sop=95, eop=89, mask=92, smask=93, gmask=94)
@@ -230,7 +230,7 @@ class ConcatCacheRows(DecodingRows):  # its own cache; DecodingRows.decode runs 
         position_ids = np.stack([self.mask_positions, np.full_like(self.mask_positions, self.generated + 1)], axis=1)
         valid = np.ones((len(tokens), 1), dtype=bool)
         self.cache, self.memory_valid, logprobs = self.runner.extend(
-            self.cache, self.memory_valid, tokens[:, None], position_ids[:, :, None], valid, True, True
+            self.cache, self.memory_valid, tokens[:, None], position_ids[:, :, None], valid, 0, True
         )
         return logprobs
 
@@ -338,21 +338,40 @@ def test_extend_many_equals_each_extend_alone_and_its_padded_caches_decode_the_s
     calls = []
     for ids, (cache, valid), answer in zip(sources, encoded, ([], [20, 21, 22], [23])):
         tokens, positions = sop(ids, answer)
-        calls.append((cache, valid, tokens, positions, np.ones(tokens.shape, dtype=bool), True, True))
+        calls.append((cache, valid, tokens, positions, np.ones(tokens.shape, dtype=bool), 0, True))
     together = runner.extend_many(calls, IDS.pad)
     alone = [runner.extend(*call) for call in calls]
     for (cache, valid, logprobs), (alone_cache, alone_valid, alone_logprobs), ids in zip(together, alone, sources):
         np.testing.assert_allclose(logprobs, alone_logprobs, atol=1e-5)
         assert valid.sum() == alone_valid.sum()  # the padding is marked invalid
-        step = (np.array([[30]]), np.array([[[len(ids) - 2], [5]]]), np.ones((1, 1), dtype=bool), True, True)
+        step = (np.array([[30]]), np.array([[[len(ids) - 2], [5]]]), np.ones((1, 1), dtype=bool), 0, True)
         np.testing.assert_allclose(runner.extend(cache, valid, *step)[2], runner.extend(alone_cache, alone_valid, *step)[2], atol=1e-5)
     encodes = runner.extend_many([(None, np.zeros((1, 0), dtype=bool), np.array([ids]),
                                    np.array([[list(range(len(ids))), [0] * len(ids)]]), np.ones((1, len(ids)), dtype=bool),
-                                   False, True) for ids in sources], IDS.pad)  # fmt: skip
+                                   len(ids), True) for ids in sources], IDS.pad)  # fmt: skip
     for (_, _, logprobs), ids in zip(encodes, sources):
         alone_logprobs = runner.extend(None, np.zeros((1, 0), dtype=bool), np.array([ids]), np.array([[list(range(len(ids))), [0] * len(ids)]]),
-                                       np.ones((1, len(ids)), dtype=bool), False, True)[2]  # fmt: skip
+                                       np.ones((1, len(ids)), dtype=bool), len(ids), True)[2]  # fmt: skip
         np.testing.assert_allclose(logprobs, alone_logprobs, atol=1e-5)
+
+
+def test_encoding_with_the_first_start_of_piece_equals_the_full_forward_and_the_separate_pass():
+    """ModelRunner.encode(start=...) puts the first blank's <|startofpiece|> through the sources' own pass: its
+    log-probabilities are the full uncached forward's (the oracle) in a left-padded batch, and the memory
+    without its last column is the plain encode's."""
+    model = model_with_seed(5, initializer_range=0.3)
+    runner = ModelRunner(model)
+    sources = [source(5, 6, 7, 8), [IDS.cls, 9, IDS.mask, 10, IDS.eos]]
+    first = np.array([src.index(next(t for t in src if t in IDS.mask_ids)) for src in sources])
+    cache, valid, logprobs = runner.encode(sources, IDS.pad, start=(IDS.sop, first))
+    for row, src in enumerate(sources):
+        np.testing.assert_allclose(logprobs[row], next_token_logprobs(model, src, [[]]), atol=1e-5)
+    plain_cache, plain_valid = runner.encode(sources, IDS.pad)
+    memory_cache, memory_valid = without_last_column(cache, valid)
+    assert np.array_equal(memory_valid, plain_valid) and valid[:, -1].all()
+    for (keys, values), (plain_keys, plain_values) in zip(memory_cache, plain_cache):
+        np.testing.assert_allclose(keys.numpy(), plain_keys.numpy(), atol=1e-5)
+        np.testing.assert_allclose(values.numpy(), plain_values.numpy(), atol=1e-5)
 
 
 def test_id_runs():

@@ -41,7 +41,7 @@ from paddlenlp.utils.log import logger
 
 from ..decoding_cache import DecodingBatch, left_padded
 from ..generation import GenerationConfig, GLMGenerator, rows_per_source
-from ..model_runner import ModelRunner
+from ..model_runner import ModelRunner, extend_kind
 from ..search import Move, advance_searches
 
 __all__ = ["Engine", "Source", "SourceListener", "Cancelled", "QueueFull", "ENGINE_PREFIX"]
@@ -431,11 +431,11 @@ class Engine:
 
     def _run_extends(self, sources: List[Source]) -> List[Source]:
         """Runs the sources' `extend` calls, those of a kind as one forward; returns the sources that ran one."""
-        extends = collections.defaultdict(list)  # calls that can share a forward: same kind of mask and memory
+        extends = collections.defaultdict(list)  # calls that can share a forward
         for source in sources:
             kind, job = source._job or (None, None)
             if kind == "extend" and not source._ready:
-                extends[(job[0] is None, job[5], job[6])].append(source)
+                extends[extend_kind(job)].append(source)
         for group in extends.values():
             try:
                 with paddle.no_grad():  # see _step
