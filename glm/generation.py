@@ -138,8 +138,6 @@ class GLMGenerator:
         results = [[] for _ in sources]
         active = list(range(len(sources)))  # the sources whose rows are in the cache, in cache order
         for blank in range(max(len(positions) for positions in blanks)):
-            if blank == 1:  # later blanks start from the sources' memory alone, answers put in after it
-                cache, memory_valid = without_last_column(cache, memory_valid)
             keep = [i for i, source in enumerate(active) if len(blanks[source]) > blank]
             if len(keep) < len(active):  # sources with no blank left drop out of the cache
                 index = as_tensor(np.array(keep, dtype="int64"))
@@ -153,6 +151,8 @@ class GLMGenerator:
             for source, answer in zip(active, answers):
                 results[source].append(answer)
             if any(len(blanks[source]) > blank + 1 for source in active):
+                if blank == 0:  # the first <|startofpiece|> leaves: `<|startofpiece|> answer` goes in after the source
+                    cache, memory_valid = without_last_column(cache, memory_valid)
                 best = [answer[0] for answer in answers]
                 cache, memory_valid = self._append_answers(cache, memory_valid, mask_positions, best)
         return results
