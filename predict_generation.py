@@ -201,10 +201,11 @@ def main(argv=None):
             if memory is not None:
                 say(f"memory   {header_line(memory)}")
             predictor = load_predictor(args, generation_args, DEFAULT_MODEL, args.seed, args.batch_size)
-            if args.data_file:
-                predict_file(predictor, args, fingerprint)
-            else:
-                predict_stdin(predictor, args)
+            with predictor.packed_weights():
+                if args.data_file:
+                    predict_file(predictor, args, fingerprint)
+                else:
+                    predict_stdin(predictor, args)
             say(memory_summary(memory))
 
 

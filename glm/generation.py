@@ -112,9 +112,9 @@ class GLMGenerator:
         `on_blank(blank, answers)`, if given, is called as each blank is decided (answers per live source)."""
         was_training = self.model.training
         self.model.eval()
-        # The LM head is the largest matrix: MKL would re-pack all of it at every step (glm/packed_gemm.py).
+        # MKL would re-pack every weight at every step, the LM head's 200 MB too (glm/packed_gemm.py).
         try:
-            with self.runner.packed_lm_head(len(sources) * rows_per_source(config)):
+            with self.runner.packed_weights(len(sources) * rows_per_source(config)):
                 return self._generate(sources, config, on_blank)
         finally:
             if was_training:
@@ -207,12 +207,14 @@ def generate_answers(generator: GLMGenerator, builder, texts: Sequence[str], con
         sources = [builder.source_ids(text)[0] for text in texts]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     answers = [None] * len(sources)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        for index, blanks in zip(batch, generator.generate([sources[i] for i in batch], config)):
-            answers[index] = [[builder.tokenizer.decode(tokens).strip() for tokens in blank] for blank in blanks]
-        if progress is not None:
-            progress(len(batch))
+    # Packed once for all the batches: packing glm-large's weights takes longer than a short answer's steps.
+    with generator.runner.packed_weights(batch_size * rows_per_source(config)):
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            for index, blanks in zip(batch, generator.generate([sources[i] for i in batch], config)):
+                answers[index] = [[builder.tokenizer.decode(tokens).strip() for tokens in blank] for blank in blanks]
+            if progress is not None:
+                progress(len(batch))
     return answers
 
 

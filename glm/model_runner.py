@@ -7,8 +7,9 @@ both go through a ModelRunner, and nothing else reaches into the model while dec
   * `start_rows`: the DecodingRows of one blank (`copies` rows per source over a DecodingBatch);
   * `step`: one token per row of one or more DecodingBatches through ONE forward, the last position's
     log-probabilities back in NumPy;
-  * `packed_lm_head(rows)`: a context in which the LM head runs through MKL's packed GEMM
-    (glm/packed_gemm.py). The runner owns the pack; the model is never modified.
+  * `packed_weights(rows)`: a context in which the LM head and the layers' weight matmuls of up to `rows`
+    rows run through MKL's packed GEMM (glm/packed_gemm.py). The runner owns the packs and hands them to
+    each forward; the model is never modified.
 
 A P-tuning v2 prefix (glm/prefix.py) is the memory every source starts from: `encode` puts its keys and
 values in front of the source's, once per source, so a source's beams and samples share it as they share
@@ -22,7 +23,7 @@ import numpy as np
 import paddle
 
 from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor, left_padded
-from .packed_gemm import packed_transposed
+from .packed_gemm import PackedLinears, packed_transposed
 from .prefix import prefix_model
 
 __all__ = ["ModelRunner", "DecodingRows", "log_softmax", "extend_kind", "without_last_column"]
@@ -44,31 +45,39 @@ class ModelRunner:
         prefix every source starts from (default: `model`'s own, if it has one)."""
         self.prefix = prefix if prefix is not None else prefix_model(model)
         self.model = getattr(model, "model", model)  # a peft model wraps the GLM it adapts
-        self._packed = None  # the LM head packed for MKL, inside `packed_lm_head`
+        self._packed = None  # the LM head packed for MKL, inside `packed_weights`
+        self._linears = None  # the layers' weights packed for MKL (PackedLinears), inside `packed_weights`
+        self._packing = False
 
     @property
-    def lm_head_packed(self) -> bool:
+    def weights_packed(self) -> bool:
+        """Inside `packed_weights`, where MKL's packed GEMM runs (not on GPU, not without Paddle's MKL)."""
         return self._packed is not None
 
     @contextlib.contextmanager
-    def packed_lm_head(self, rows: int):
-        """The LM head packed for products of up to `rows` rows while inside (a nested use keeps the outer
-        pack). The pack is a copy of the word embeddings: valid while they do not change, dropped on exit."""
-        if self._packed is not None:
+    def packed_weights(self, rows: int):
+        """The LM head and the layers' plain linear weights packed for products of up to `rows` rows while
+        inside (a nested use keeps the outer packs). The packs are a copy of the weights (so as much memory
+        again), valid while the weights do not change, dropped on exit."""
+        if self._packing:
             yield
             return
+        self._packing = True
         self._packed = packed_transposed(self.model.glm.word_embeddings.weight, rows)
+        if self._packed is not None:
+            self._linears = PackedLinears(self.model.glm.transformer, rows)
         try:
             yield
         finally:
-            self._packed = None
+            self._packed = self._linears = None
+            self._packing = False
 
     def forward(self, cache, input_ids, position_ids, mask):
         """The backbone over NumPy inputs: (hidden states, cache). `mask`: a 0/1 array [N, 1, q, M + q] or a
         StepMask (a decoding step's)."""
         mask = mask if isinstance(mask, StepMask) else as_tensor(mask)
         return self.model.glm(as_tensor(input_ids), as_tensor(position_ids), mask, cache=cache, use_cache=True,
-                              return_dict=False)
+                              return_dict=False, packed=self._linears)
 
     def logprobs(self, hidden) -> np.ndarray:
         """The last position's log-probabilities [N, vocab], float32 in NumPy: the one host transfer of a step."""

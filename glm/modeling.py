@@ -90,6 +90,10 @@ def prefixed_attention_mask(attention_mask, prefix_length: int):
     return paddle.concat([ones, attention_mask], axis=-1)
 
 
+def _linear(layer, x, packed):
+    return layer(x) if packed is None else packed.linear(layer, x)
+
+
 class GLMAttention(nn.Layer):
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -102,16 +106,16 @@ class GLMAttention(nn.Layer):
         self.attention_dropout = Dropout(config.attention_dropout_prob)
         self.output_dropout = Dropout(config.output_dropout_prob)
 
-    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
+    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False, packed=None):
         if isinstance(cache, StepCache):  # a decoding step: the cache attends (glm/decoding_cache.py)
-            context = cache.attend(self, self.query_key_value(hidden_states), bias)
-            return self.output_dropout(self.dense(context)), cache
+            context = cache.attend(self, _linear(self.query_key_value, hidden_states, packed), bias)
+            return self.output_dropout(_linear(self.dense, context, packed)), cache
         batch_size, query_length = hidden_states.shape[:2]
         # The fused projection lays out [q | k | v] along the last axis, each [heads * head_dim]. Split
         # first: its backward is a concat, where slicing one 5-D tensor scatters into zeros (2x slower).
         query, key, value = [
             part.reshape([batch_size, query_length, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
-            for part in paddle.split(self.query_key_value(hidden_states), 3, axis=-1)
+            for part in paddle.split(_linear(self.query_key_value, hidden_states, packed), 3, axis=-1)
         ]  # each [B, heads, q, head_dim]
         if cache is not None:
             key = paddle.concat([cache[0], key], axis=2)  # [B, heads, M+q, head_dim]
@@ -123,7 +127,7 @@ class GLMAttention(nn.Layer):
         else:
             context = self._attention(query, key, value, bias)
         context = context.transpose([0, 2, 1, 3]).reshape([batch_size, query_length, -1])  # [B, q, hidden]
-        return self.output_dropout(self.dense(context)), new_cache
+        return self.output_dropout(_linear(self.dense, context, packed)), new_cache
 
     def _attention(self, query, key, value, bias):
         # THUDM's attention_scale divides the scores before the (half precision) matmul and multiplies
@@ -190,9 +194,10 @@ class GLMMLP(nn.Layer):
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
         self.dropout = Dropout(config.output_dropout_prob)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, packed=None):
         # GLM trains with the tanh-approximate GELU (THUDM's code, PaddleNLP); the HF port's exact GELU differs.
-        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate=True)))
+        inner = F.gelu(_linear(self.dense_h_to_4h, hidden_states, packed), approximate=True)
+        return self.dropout(_linear(self.dense_4h_to_h, inner, packed))
 
 
 class GLMBlock(nn.Layer):
@@ -205,10 +210,10 @@ class GLMBlock(nn.Layer):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, epsilon=config.layernorm_epsilon)
         self.mlp = GLMMLP(config)
 
-    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False):
-        attention_output, new_cache = self.attention(self.input_layernorm(hidden_states), bias, cache, use_cache)
+    def forward(self, hidden_states, bias, cache: Optional[LayerCache] = None, use_cache: bool = False, packed=None):
+        attention_output, new_cache = self.attention(self.input_layernorm(hidden_states), bias, cache, use_cache, packed)
         hidden_states = hidden_states + attention_output
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), packed)
         return hidden_states, new_cache
 
 
@@ -229,7 +234,8 @@ class GLMStack(nn.Layer):
         # Switched on by the PaddleNLP Trainer's --recompute (it sets every `enable_recompute` it finds).
         self.enable_recompute = False
 
-    def forward(self, word_embeddings, position_ids, bias, cache: Optional[List[LayerCache]] = None, use_cache=False):
+    def forward(self, word_embeddings, position_ids, bias, cache: Optional[List[LayerCache]] = None, use_cache=False,
+                packed=None):
         if self.block_position_encoding:
             hidden_states = (
                 word_embeddings
@@ -248,7 +254,7 @@ class GLMStack(nn.Layer):
                 # embeddings are frozen (LoRA); the mask and the layer's memory go in with the hidden states.
                 hidden_states, _ = recompute(layer, hidden_states, bias, layer_cache, use_reentrant=False)
             else:
-                hidden_states, layer_cache = layer(hidden_states, bias, layer_cache, use_cache)
+                hidden_states, layer_cache = layer(hidden_states, bias, layer_cache, use_cache, packed)
             if use_cache:
                 new_caches.append(layer_cache)
         return self.final_layernorm(hidden_states), new_caches
@@ -314,9 +320,11 @@ class GLMModel(GLMPretrainedModel):
         use_cache: bool = False,
         return_dict: Optional[bool] = None,
         inputs_embeds=None,
+        packed=None,
     ):
         """`inputs_embeds` [B, L, hidden]: the word embeddings to use instead of looking `input_ids` up (THUDM's
-        P-tuning puts its prompt there, glm/ptuning.py)."""
+        P-tuning puts its prompt there, glm/ptuning.py). `packed`: the linear layers' weights packed for MKL
+        (glm/packed_gemm.PackedLinears, a decoding ModelRunner's), used for products of few rows."""
         batch_size, query_length = input_ids.shape
         memory_length = _memory_length(cache[0]) if cache else 0
         if position_ids is None:
@@ -327,7 +335,7 @@ class GLMModel(GLMPretrainedModel):
         word_embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, hidden]
         _check_runs_here(word_embeddings)
         bias = attention_bias(attention_mask, batch_size, query_length, memory_length)
-        hidden_states, new_cache = self.transformer(word_embeddings, position_ids, bias, cache, use_cache)
+        hidden_states, new_cache = self.transformer(word_embeddings, position_ids, bias, cache, use_cache, packed)
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if not return_dict:
             return (hidden_states, new_cache)

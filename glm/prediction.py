@@ -56,6 +56,11 @@ class Predictor:
         self.generator = GLMGenerator(model, self.builder.ids, default_banned_ids(model.config, self.tokenizer))
         self.batch_size = batch_size
 
+    def packed_weights(self):
+        """A context for many `predict` calls: the weights packed for MKL once for all of them (packing
+        glm-large's weights takes longer than a short answer's steps; ModelRunner.packed_weights)."""
+        return self.generator.runner.packed_weights(self.batch_size * rows_per_source(self.config))
+
     def predict(self, texts: List[str], progress=None, sources: Optional[Sequence[List[int]]] = None):
         """Per text, the fields to add to its output row; `sources`, the texts' built source ids when the
         caller has them already (else built here)."""

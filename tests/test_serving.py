@@ -198,11 +198,11 @@ def test_sources_join_the_running_batch_and_leave_when_done(micro_weights_model,
     per_source = max(1, config.num_beams if name == "beam" else config.num_return_sequences)
     assert rows[0] == per_source and max(rows) == 4 * per_source  # joined the running batch
     assert rows[-1] < max(rows)  # and the batch shrank as sources finished
-    # the engine's LM-head pack stays while it runs (where Paddle bundles MKL's packed GEMM)
-    assert predictor.generator.runner.lm_head_packed == (glm.packed_gemm._mkl() is not None)
+    # the engine's packed weights stay while it runs (where Paddle bundles MKL's packed GEMM)
+    assert predictor.generator.runner.weights_packed == (glm.packed_gemm._mkl() is not None)
     engine.stop(wait=False)
     assert not engine.run_once()
-    assert not predictor.generator.runner.lm_head_packed  # and is dropped when it stops
+    assert not predictor.generator.runner.weights_packed  # and are dropped when it stops
 
 
 def test_strategies_beam_widths_and_lengths_share_one_forward_per_step(micro_weights_model, monkeypatch):  # noqa: F811

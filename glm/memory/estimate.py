@@ -24,7 +24,8 @@ at the LM head, a [vocab, hidden] temporary for the tied embeddings' gradient (w
 
 Decoding (predict, the server, a finetune's evaluation) keeps per layer the keys and values of every
 source's memory plus beams x tgt_length generated slots (glm.decoding_cache), the [rows, vocab] scores of a
-step a few times over (the NumPy search), and on CPU the LM head packed for MKL (a copy of the embeddings).
+step a few times over (the NumPy search), and on CPU the weights packed for MKL (a copy of the embeddings
+and of every layer's plain Linear weights).
 
 A process also holds what it needs before any model exists (Python, Paddle, PaddleNLP: `runtime`); on a GPU
 the CUDA context and the caching allocator's slack.
@@ -207,8 +208,9 @@ def estimate_decoding(load: DecodingLoad, runtime: Optional[int] = None, states:
     step = 5 * rows * v * 4 + 2 * rows * shape.num_attention_heads * keys * 4  # logits and the NumPy search
     parts = dict(states) if states is not None else {
         "weights": shape.parameters() * b + (n * load.lora_rank * shape.linear_parameters(load.lora_targets) * b)}
-    if not load.gpu:
-        parts["packed_lm_head"] = v * h * 4  # MKL's packed copy of the embeddings
+    if not load.gpu:  # MKL's packed copies of the embeddings and of the layers' plain (not LoRA) Linear weights
+        adapted = shape.linear_weights(load.lora_targets) if load.lora_rank else 0
+        parts["packed_weights"] = (v * h + n * (12 * h * h - adapted)) * 4
     decoding, moment = (cache + step, "decoding, the last step") if cache + step >= encode else (
         encode, "decoding, encoding the sources")
     parts["decoding"] = decoding

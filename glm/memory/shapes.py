@@ -28,17 +28,24 @@ class ModelShape:
         layer = 12 * h * h + 13 * h  # qkv, dense, h->4h, 4h->h with biases; two LayerNorms
         return self.vocab_size * h + positions + self.num_layers * layer + 2 * h
 
-    def linear_parameters(self, patterns) -> int:
-        """Parameters of one layer's Linear weights whose names a LoRA target regex matches (in + out, the
-        size of a rank-1 adapter on each)."""
+    def _linears(self, patterns):
+        """(in, out) of one layer's Linear weights whose names a LoRA target regex matches."""
         import re
 
         h = self.hidden_size
         linears = {"attention.query_key_value": (h, 3 * h), "attention.dense": (h, h),
                    "mlp.dense_h_to_4h": (h, 4 * h), "mlp.dense_4h_to_h": (4 * h, h)}  # fmt: skip
         name = "glm.transformer.layers.0.{}"
-        chosen = [dims for linear, dims in linears.items() if any(re.fullmatch(p, name.format(linear)) for p in patterns)]
-        return sum(i + o for i, o in chosen)
+        return [dims for linear, dims in linears.items() if any(re.fullmatch(p, name.format(linear)) for p in patterns)]
+
+    def linear_parameters(self, patterns) -> int:
+        """Parameters of one layer's Linear weights whose names a LoRA target regex matches (in + out, the
+        size of a rank-1 adapter on each)."""
+        return sum(i + o for i, o in self._linears(patterns))
+
+    def linear_weights(self, patterns) -> int:
+        """Elements of one layer's Linear weights whose names a LoRA target regex matches (in x out)."""
+        return sum(i * o for i, o in self._linears(patterns))
 
 
 # THUDM's releases (PaddleNLP's GLM_PRETRAINED_INIT_CONFIGURATION, THUDM/GLM's model configs).

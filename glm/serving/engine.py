@@ -19,7 +19,7 @@ call each one is waiting on, and then runs them:
     (glm/decoding_cache.py): a source joins it when its blank starts, its memory left-padded into the
     batch's, and leaves when its search ends, so attention runs once per width for all sources.
 
-From the first request on, the LM head is packed once for `max_rows` rows (ModelRunner.packed_lm_head).
+From the first request on, the weights are packed once for `max_rows` rows (ModelRunner.packed_weights).
 
 So the search (processors, candidates, beam hypotheses) is predict's, not a copy. Batched with others, a
 source's weight matmuls see more rows and its attention runs over padded keys (masked, adding exact zeros),
@@ -117,8 +117,8 @@ class _EngineRunner(ModelRunner):
         self.prefix = engine.runner.prefix if source.prefix is ENGINE_PREFIX else source.prefix
         self.engine, self.source = engine, source
 
-    def packed_lm_head(self, rows):
-        return contextlib.nullcontext()  # the engine packs the head for all its rows
+    def packed_weights(self, rows):
+        return contextlib.nullcontext()  # the engine packs the weights for all its rows
 
     def extend(self, *args):
         return self.engine._call(self.source, ("extend", args))
@@ -240,7 +240,8 @@ class Engine:
         self._exclusive = collections.deque()  # (function, callback): other uses of the model, between steps
         self._stopping = False
         self._thread = None
-        self._pack = contextlib.ExitStack()  # holds the runner's packed LM head while sources decode
+        self._pack = contextlib.ExitStack()  # holds the runner's packed weights while sources decode
+        self._packing = False
         self._batches = {}  # rows per source -> _SharedBatch
         self._joining: List[tuple] = []  # (rows, first log-probabilities) of the searches started this round
 
@@ -328,7 +329,7 @@ class Engine:
             callback(result, error)
         now = time.monotonic()
         if self._live:
-            self._pack_lm_head()
+            self._pack_weights()
         for source in list(self._live):
             if now > source.deadline:
                 source.cancel("timeout")
@@ -351,6 +352,7 @@ class Engine:
             self._batches.clear()  # members left with their sources
         if self._stopping and not self._live:
             self._pack.close()
+            self._packing = False
             return False
         return True
 
@@ -358,14 +360,16 @@ class Engine:
         if self.events_ready is not None:
             self.events_ready()
 
-    def _pack_lm_head(self):
-        """Packs the LM head for up to max_rows rows when the first source starts (their generate uses the
-        engine's runner through theirs) and keeps it until the engine stops. The pack is a copy of the word
-        embeddings (227 MB for glm-large-chinese), but packing takes ~0.12 s on 2 cores for glm-large's
-        vocabulary: dropped whenever nothing decoded, it was a quarter of a lone request's latency on the
-        glm-large slice."""
-        if not self.runner.lm_head_packed:
-            self._pack.enter_context(self.runner.packed_lm_head(self.max_rows))
+    def _pack_weights(self):
+        """Packs the weights for up to max_rows rows when the first source starts (their generate uses the
+        engine's runner through theirs) and keeps them until the engine stops. The packs are a copy of the
+        weights (1.4 GB for glm-large-chinese), but packing glm-large's vocabulary alone took ~0.12 s on 2
+        cores: dropped whenever nothing decoded, it was a quarter of a lone request's latency on the
+        glm-large slice. Entered once (`_packing`): where nothing can be packed (a GPU), re-entering every
+        round would stack a context a round."""
+        if not self._packing:
+            self._pack.enter_context(self.runner.packed_weights(self.max_rows))
+            self._packing = True
 
     def _shared(self, copies: int) -> _SharedBatch:
         return self._batches.setdefault(copies, _SharedBatch(copies))
