@@ -46,6 +46,7 @@ from glm.generation import GenerationConfig, GLMGenerator  # noqa: E402
 from glm.decoding_cache import DecodingCache, DecodingMask  # noqa: E402
 from glm.model_runner import DecodingRows  # noqa: E402
 from glm.modeling import GLMAttention  # noqa: E402
+from glm.packed_gemm import PackedLinears  # noqa: E402
 from glm.packed_gemm import packed_transposed  # noqa: E402
 from glm.tokenization import GLMSpecialIds  # noqa: E402
 
@@ -95,7 +96,7 @@ class StepSplit:
     def watching(self, model, generator):
         patches = [(layer, "forward", "weight matmuls") for layer in model.sublayers()
                    if isinstance(layer, paddle.nn.Linear)]
-        patches += [(model, "lm_logits", "weight matmuls")]
+        patches += [(model, "lm_logits", "weight matmuls"), (PackedLinears, "linear", "weight matmuls")]
         for layer in model.sublayers():
             if isinstance(layer, GLMAttention):
                 patches += [(layer, "_attention", "attention"), (layer, "decoding_attention", "attention"),
