@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 
 __all__ = ["MASKED_SCORE", "LayerCache", "StepCache", "StepMask", "DecodingCache", "DecodingMask", "DecodingBatch",
-           "DecodingCacheGroup", "DecodingMaskGroup", "left_padded"]
+           "DecodingCacheGroup", "DecodingMaskGroup", "left_padded", "joined_memories"]
 
 # Added to masked scores. Scores are always float32 when the bias is added (manual path), so this never
 # meets float16; the fused path scales it to the compute dtype (see `_fused_mask_value`).
@@ -56,6 +56,20 @@ def left_padded(tensor, width: int):
     memory padded to a wider one: the mask marks those columns invalid)."""
     gap = width - tensor.shape[2]
     return paddle.concat([_zeros_like_columns(tensor, gap), tensor], axis=2) if gap else tensor
+
+
+def joined_memories(memories):
+    """Several sources' memories, each (cache or None, memory_valid), as one: each left-padded to the widest
+    (the padding marked invalid) and stacked along the sources. One memory comes back as it is (no copy)."""
+    if len(memories) == 1:
+        return memories[0]
+    width = max(valid.shape[1] for _, valid in memories)
+    valid = np.concatenate([np.pad(v, ((0, 0), (width - v.shape[1], 0))) for _, v in memories])
+    if memories[0][0] is None:
+        return None, valid
+    cache = [tuple(paddle.concat([left_padded(memory[0][layer][part], width) for memory in memories]) for part in (0, 1))
+             for layer in range(len(memories[0][0]))]  # fmt: skip
+    return cache, valid
 
 
 class DecodingCache(StepCache):

@@ -20,9 +20,8 @@ import contextlib
 from typing import List, Sequence
 
 import numpy as np
-import paddle
 
-from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor, left_padded
+from .decoding_cache import DecodingBatch, DecodingCacheGroup, DecodingMaskGroup, StepMask, as_tensor, joined_memories
 from .packed_gemm import PackedLinears, packed_transposed
 from .prefix import prefix_model
 
@@ -48,6 +47,11 @@ class ModelRunner:
         self._packed = None  # the LM head packed for MKL, inside `packed_weights`
         self._linears = None  # the layers' weights packed for MKL (PackedLinears), inside `packed_weights`
         self._packing = False
+
+    @property
+    def packing(self) -> bool:
+        """Inside `packed_weights` (whether or not anything could be packed)."""
+        return self._packing
 
     @property
     def weights_packed(self) -> bool:
@@ -107,26 +111,18 @@ class ModelRunner:
         kinds = {extend_kind(call) for call in calls}
         if len(kinds) > 1:
             raise ValueError(f"extend_many: calls of different kinds {sorted(kinds, key=str)}")
-        memory = max(call[1].shape[1] for call in calls)
         q = max(call[2].shape[1] for call in calls)
         causal_tokens = extend_kind(calls[0])[1]
         bidirectional = 0 if causal_tokens is None else q - causal_tokens  # the padding joins the source
-        caches, memory_valid, input_ids, position_ids, new_valid = [], [], [], [], []
-        for cache, valid, ids, positions, new, _, _ in calls:
-            rows, gap, short = ids.shape[0], memory - valid.shape[1], q - ids.shape[1]
-            memory_valid.append(np.concatenate([np.zeros((rows, gap), dtype=bool), valid], axis=1))
+        input_ids, position_ids, new_valid = [], [], []
+        for _, _, ids, positions, new, _, _ in calls:
+            rows, short = ids.shape[0], q - ids.shape[1]
             input_ids.append(np.concatenate([np.full((rows, short), pad, dtype="int64"), ids], axis=1))
             position_ids.append(np.concatenate([np.zeros((rows, 2, short), dtype="int64"), positions], axis=2))
             new_valid.append(np.concatenate([np.zeros((rows, short), dtype=bool), new], axis=1))
-            if cache:
-                caches.append([tuple(left_padded(t, memory) for t in layer) for layer in cache])
-        cache = None
-        if caches:
-            cache = [tuple(paddle.concat([call[layer][part] for call in caches]) for part in (0, 1))
-                     for layer in range(len(caches[0]))]  # fmt: skip
-        cache, valid, logprobs = self.extend(cache, np.concatenate(memory_valid), np.concatenate(input_ids),
-                                             np.concatenate(position_ids), np.concatenate(new_valid), bidirectional,
-                                             calls[0][6])  # fmt: skip
+        cache, memory_valid = joined_memories([(call[0] or None, call[1]) for call in calls])
+        cache, valid, logprobs = self.extend(cache, memory_valid, np.concatenate(input_ids), np.concatenate(position_ids),
+                                             np.concatenate(new_valid), bidirectional, calls[0][6])  # fmt: skip
         results, start = [], 0
         for call in calls:
             end = start + call[2].shape[0]

@@ -51,7 +51,7 @@ class PackedTransposed:
 
     def __init__(self, weight: paddle.Tensor, rows: int, library, transposed: bool = True):
         self.n, self.k = weight.shape if transposed else weight.shape[::-1]
-        self.library, self.rows = library, rows
+        self.library = library
         size = library.cblas_sgemm_pack_get_size(_B_MATRIX, rows, self.n, self.k)
         self.buffer = np.empty(size, dtype=np.uint8)
         weight = weight if weight.is_contiguous() else weight.contiguous()

@@ -39,7 +39,7 @@ import paddle
 from greenlet import greenlet
 from paddlenlp.utils.log import logger
 
-from ..decoding_cache import DecodingBatch, left_padded
+from ..decoding_cache import DecodingBatch, joined_memories
 from ..generation import GenerationConfig, GLMGenerator, rows_per_source
 from ..model_runner import ModelRunner, extend_kind
 from ..search import Move, advance_searches
@@ -189,14 +189,8 @@ class _SharedBatch:
         joining, self._joining = self._joining, []
         if not joining:
             return
-        if len(joining) == 1:
-            cache, valid, capacity = joining[0]
-        else:
-            width = max(valid.shape[1] for _, valid, _ in joining)  # memories left-padded to the widest
-            valid = np.concatenate([np.pad(v, ((0, 0), (width - v.shape[1], 0))) for _, v, _ in joining])
-            cache = [tuple(paddle.concat([left_padded(call[0][layer][part], width) for call in joining])
-                           for part in (0, 1)) for layer in range(len(joining[0][0]))]  # fmt: skip
-            capacity = max(capacity for _, _, capacity in joining)
+        cache, valid = joined_memories([(cache, valid) for cache, valid, _ in joining])
+        capacity = max(capacity for _, _, capacity in joining)
         if self.batch is None:
             self.batch = DecodingBatch(cache, valid, self.copies, capacity)
         else:
@@ -241,7 +235,6 @@ class Engine:
         self._stopping = False
         self._thread = None
         self._pack = contextlib.ExitStack()  # holds the runner's packed weights while sources decode
-        self._packing = False
         self._batches = {}  # rows per source -> _SharedBatch
         self._joining: List[tuple] = []  # (rows, first log-probabilities) of the searches started this round
 
@@ -352,7 +345,6 @@ class Engine:
             self._batches.clear()  # members left with their sources
         if self._stopping and not self._live:
             self._pack.close()
-            self._packing = False
             return False
         return True
 
@@ -365,11 +357,10 @@ class Engine:
         engine's runner through theirs) and keeps them until the engine stops. The packs are a copy of the
         weights (1.4 GB for glm-large-chinese), but packing glm-large's vocabulary alone took ~0.12 s on 2
         cores: dropped whenever nothing decoded, it was a quarter of a lone request's latency on the
-        glm-large slice. Entered once (`_packing`): where nothing can be packed (a GPU), re-entering every
-        round would stack a context a round."""
-        if not self._packing:
+        glm-large slice. Entered once (`ModelRunner.packing`): where nothing can be packed (a GPU),
+        re-entering every round would stack a context a round."""
+        if not self.runner.packing:
             self._pack.enter_context(self.runner.packed_weights(self.max_rows))
-            self._packing = True
 
     def _shared(self, copies: int) -> _SharedBatch:
         return self._batches.setdefault(copies, _SharedBatch(copies))
